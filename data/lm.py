@@ -1,0 +1,146 @@
+"""Packed next-token batches for language modelling (GPT, Radford et al. 2018, section 3.1).
+
+Documents become one token stream, [BOS] doc [EOS] [BOS] doc [EOS] ..., cut into rows of
+max_len + 1 tokens; inputs are a row without its last token and targets the row shifted by one.
+A row holds pieces of several documents, so each row also carries segment ids (which document
+piece a position belongs to, for the block-diagonal attention mask), positions (restarting at 0
+in each piece) and loss weights (0 where the target starts another document). Every pipeline
+yields the same kind of dict of fixed-shape arrays through make_iterator, so the BERT and
+seq2seq pipelines look like this one.
+"""
+
+import functools
+import sys
+
+import grain
+import numpy as np
+import tqdm
+
+from data import tokenizer as tok
+from data.errors import DataError
+
+
+def tokenize_documents(docs, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, doc_ids): every document as [BOS] ids [EOS], concatenated; both int32."""
+    tokens, doc_ids = [], []
+    progress = tqdm.tqdm(docs, desc="tokenizing", unit="doc", disable=not sys.stderr.isatty())
+    for i, doc in enumerate(progress):
+        ids = [tok.BOS_ID, *tokenizer.encode(doc), tok.EOS_ID]
+        tokens.append(np.asarray(ids, np.int32))
+        doc_ids.append(np.full(len(ids), i, np.int32))
+    if not tokens:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    return np.concatenate(tokens), np.concatenate(doc_ids)
+
+
+def pack_rows(tokens: np.ndarray, doc_ids: np.ndarray, max_len: int) -> dict[str, np.ndarray]:
+    """Rows of max_len tokens: inputs, targets, segment_ids, positions and loss weights."""
+    n_rows = len(tokens) // (max_len + 1)
+    if n_rows == 0:
+        raise DataError(
+            f"corpus has {len(tokens)} tokens, fewer than one training sequence of "
+            f"max_len+1={max_len + 1}; add text or lower --config.data.max_len"
+        )
+    # The last partial row is dropped: padding it would waste compute on every epoch.
+    used = n_rows * (max_len + 1)
+    rows = np.asarray(tokens[:used], np.int32).reshape(n_rows, max_len + 1)
+    docs = np.asarray(doc_ids[:used]).reshape(n_rows, max_len + 1)
+    input_docs = docs[:, :-1]
+
+    # A segment starts at column 0 and wherever the document changes. A document cut by a row
+    # start becomes a fresh segment: attention never reaches back into the previous row anyway.
+    starts = np.ones_like(input_docs, dtype=bool)
+    starts[:, 1:] = input_docs[:, 1:] != input_docs[:, :-1]
+    segment_ids = np.cumsum(starts, axis=1, dtype=np.int32)
+
+    # Position = column minus the column where its segment started (a running max of starts).
+    columns = np.broadcast_to(np.arange(max_len, dtype=np.int32), starts.shape)
+    segment_start = np.maximum.accumulate(np.where(starts, columns, 0), axis=1)
+    positions = (columns - segment_start).astype(np.int32)
+
+    # No loss for predicting across a document boundary (the BOS after an EOS, or the first
+    # token of the next document): nothing in the context could predict it.
+    weights = (docs[:, 1:] == docs[:, :-1]).astype(np.float32)
+    return {
+        "inputs": rows[:, :-1],
+        "targets": rows[:, 1:],
+        "segment_ids": segment_ids,
+        "positions": positions,
+        "weights": weights,
+    }
+
+
+def make_iterator(
+    rows: dict[str, np.ndarray],
+    batch_size: int,
+    *,
+    seed: int,
+    shuffle: bool = True,
+    repeat: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
+    """A checkpointable iterator over this process's batches of batch_size // process_count rows."""
+    # Training (shuffle, repeat): a new deterministic order every epoch, forever. Eval (neither):
+    # one pass in order, the last batches filled with all-zero rows (weight 0) so every batch
+    # has the same static shape and every process runs the same number of batches (a process
+    # that stopped early would hang the others in a collective). get_state() is
+    # {"next_index": int}, JSON as is; set_state() on an iterator built with the same arguments
+    # resumes at exactly the next batch.
+    if batch_size <= 0 or batch_size % process_count:
+        raise DataError(
+            f"batch_size {batch_size} is not a positive multiple of the {process_count} "
+            "processes; pick a batch_size divisible by the process count"
+        )
+    local_batch = batch_size // process_count
+    n_rows = len(rows["inputs"])
+    if repeat:
+        # Every process gets the same number of rows (the few leftovers are dropped) so the
+        # processes run through epochs in lockstep.
+        n_slots = n_rows - n_rows % process_count
+        if n_slots < process_count:
+            raise DataError(
+                f"{n_rows} training rows cannot feed {process_count} processes; add text or "
+                "lower --config.data.max_len"
+            )
+    else:
+        # Round up to whole batches on every process; slots past n_rows are padding rows.
+        per_process = -(-n_rows // process_count)
+        n_slots = -(-per_process // local_batch) * local_batch * process_count
+
+    # The pipeline runs over row indices and gathers a whole batch at once at the end, which is
+    # one numpy fancy-index per array instead of one Python dict per row.
+    ds = grain.MapDataset.range(n_slots)
+    ds = ds[process_index::process_count]  # disjoint rows per process, before any shuffle
+    if shuffle:
+        ds = ds.shuffle(seed=seed)  # reseeded with the epoch number by repeat() below
+    if repeat:
+        ds = ds.repeat(None)
+    ds = ds.batch(local_batch, drop_remainder=repeat)
+    ds = ds.map(functools.partial(_gather, rows))
+    # The data is already in memory: reader threads would only fight over the GIL.
+    read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    return iter(ds.to_iter_dataset(read_options))
+
+
+def _gather(rows: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows at indices; indices past the end give all-zero padding rows (weight 0)."""
+    indices = np.asarray(indices)
+    padding = indices >= len(rows["inputs"])
+    safe = np.where(padding, 0, indices)
+    batch = {}
+    for name, array in rows.items():
+        batch[name] = array[safe]  # fancy indexing copies, so zeroing below is safe
+        batch[name][padding] = 0
+    return batch
+
+
+def unigram_cross_entropy(train_tokens, eval_targets, eval_weights, vocab_size: int) -> float:
+    """Nats per eval token of an add-one-smoothed unigram model of train_tokens (a bar to beat)."""
+    counts = np.bincount(np.asarray(train_tokens).ravel(), minlength=vocab_size)[:vocab_size]
+    log_probs = np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)
+    weights = np.asarray(eval_weights, np.float64).ravel()
+    if weights.sum() <= 0:
+        raise DataError("the eval split has no target tokens; add eval text or lower max_len")
+    nll = -log_probs[np.asarray(eval_targets).ravel()]
+    return float((nll * weights).sum() / weights.sum())

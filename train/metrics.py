@@ -1,0 +1,110 @@
+"""Run logging: metrics.jsonl + TensorBoard, a progress bar, throughput and MFU.
+
+Step metrics come back from the device as sums plus a token count, so averages over logged
+steps (and over hosts) are exact rather than means of means.
+"""
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+# Dense bf16 peak FLOP/s per chip from the vendors' data sheets, keyed by jax device_kind.
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "NVIDIA H100 PCIe": 756e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA L4": 121e12, "NVIDIA B200": 2250e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of a jitted fp32 n x n matmul on the default device (the CPU 'peak')."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            out = f(a, a)
+        out.block_until_ready()
+        best = min(best, (time.perf_counter() - t0) / repeats)
+    return 2.0 * n ** 3 / best
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+    """(peak FLOP/s of one device, how it was obtained)."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return measure_matmul_flops(), "measured fp32 matmul"
+    for kind, flops in PEAK_FLOPS.items():
+        if device.device_kind.startswith(kind):
+            return flops, f"{kind} bf16 data sheet"
+    return measure_matmul_flops(4096), f"measured fp32 matmul ({device.device_kind} not in table)"
+
+
+def summarize(sums: dict) -> dict:
+    """Turns summed step metrics into means: loss, perplexity, accuracy."""
+    count = max(float(sums.get("weight_sum", 0.0)), 1e-9)
+    out = {}
+    if "loss_sum" in sums:
+        out["loss"] = float(sums["loss_sum"]) / count
+        out["perplexity"] = float(np.exp(min(out["loss"], 50.0)))
+    if "correct_sum" in sums:
+        out["accuracy"] = float(sums["correct_sum"]) / count
+    for key, value in sums.items():
+        if not key.endswith("_sum") and key != "weight_sum":
+            out[key] = float(value)
+    return out
+
+
+class MetricWriter:
+    """Appends metric dicts to metrics.jsonl and TensorBoard (only on process 0)."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self._file = self._tb = None
+        if self.enabled:
+            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, split: str, metrics: dict):
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split, **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self._tb.add_scalar(f"{split}/{key}", value, step)
+
+    def close(self):
+        if self.enabled:
+            self._file.close()
+            self._tb.close()
+
+
+class ProgressBar:
+    """tqdm bar over training steps showing loss, tokens/s and ETA (process 0 only)."""
+
+    def __init__(self, first_step: int, total_steps: int):
+        self._bar = tqdm.tqdm(total=total_steps, initial=first_step, unit="step",
+                              dynamic_ncols=True, disable=jax.process_index() != 0,
+                              mininterval=1.0)
+
+    def update_to(self, step: int, **postfix):
+        self._bar.update(step - self._bar.n)
+        if postfix:
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def write(self, line: str):
+        self._bar.write(line)
+
+    def close(self):
+        self._bar.close()

@@ -1,0 +1,72 @@
+"""Device mesh and logical-axis rules -> shardings. The only file that knows mesh axis names.
+
+Parameters and activations are annotated with logical names (models/layers.py); the rules in
+`config.sharding_rules` say which mesh axes each name is split over:
+  data   : pure data parallelism (parameters replicated);
+  fsdp   : batch split too, and parameters + optimizer state sharded (ZeRO-3 style);
+  tensor : Megatron-style tensor parallelism (heads and feed-forward hidden split).
+"""
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axes. `embed` on fsdp shards every weight matrix along d_model when
+# fsdp > 1 and is a no-op when fsdp == 1.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("position", None),
+)
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+    """Builds the (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+    devices = jax.devices() if devices is None else devices
+    sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1 (config.mesh)")
+    fixed = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % fixed:
+            raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} does not divide "
+                             f"{len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // fixed
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {np.prod(sizes)} "
+                         f"devices but {len(devices)} are visible; set one axis to -1")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def rules_from_config(config):
+    """The logical-axis rules as a tuple of (name, mesh axes) pairs."""
+    rules = config.get("sharding_rules", None) or DEFAULT_RULES
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def logical_shardings(abstract_tree, mesh, rules):
+    """NamedShardings for a tree whose leaves may be boxed with logical names."""
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_tree), mesh, rules)
+
+
+def batch_sharding(mesh, rules) -> NamedSharding:
+    """Sharding of B,L batch arrays: rows split over the axes the rules give `batch`."""
+    spec = nn.logical_to_mesh_axes(("batch", None), rules)
+    return NamedSharding(mesh, spec)
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch, sharding):
+    """Assembles each process's rows into one global jax.Array (multi-host safe)."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
+                        local_batch)

@@ -1,0 +1,88 @@
+"""Next-token language modelling (GPT): the model, its data and its loss.
+
+A task module gives the loop everything objective-specific: `build_model`, `prepare_data`,
+`loss_fn` (returns a loss *sum* and metric sums) and `flops_per_token`. BERT's masked-LM and
+the translation task plug in the same way.
+"""
+import os
+
+import jax.numpy as jnp
+import optax
+
+from data import lm as lm_data
+from data import sources, tokenizer as tok
+from models import gpt
+
+
+def build_model(config, *, decode=False) -> gpt.GPT:
+    """The GPT of `config.model` (decode=True gives the KV-cache variant for sampling)."""
+    return gpt.GPT(gpt.GPTConfig.from_config(config.model, decode=decode))
+
+
+def flops_per_token(config) -> float:
+    return gpt.flops_per_token(gpt.GPTConfig.from_config(config.model), config.data.max_len)
+
+
+def load_or_train_tokenizer(config, workdir, train_docs):
+    """The run's tokenizer: reused from the workdir, or trained on the training documents."""
+    path = os.path.join(workdir, "tokenizer.model")
+    if os.path.exists(path):
+        return tok.load_tokenizer(path)
+    return tok.train_tokenizer(train_docs, path, config.model.vocab_size,
+                               config.data.tokenizer_type)
+
+
+def prepare_data(config, workdir) -> dict:
+    """Reads the corpus, trains/loads the tokenizer and packs train and eval rows."""
+    d = config.data
+    if d.max_len > config.model.max_len:
+        raise ValueError(f"config.data.max_len={d.max_len} exceeds the model context "
+                         f"config.model.max_len={config.model.max_len}; lower one or raise the other")
+    train_docs, eval_docs = sources.load_corpus(
+        d.source, text_field=d.text_field, bible_version=d.bible_version,
+        eval_fraction=d.eval_fraction, cache_dir=d.cache_dir or None)
+    tokenizer = load_or_train_tokenizer(config, workdir, train_docs)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"tokenizer in {workdir} has {tokenizer.vocab_size} pieces but "
+                         f"config.model.vocab_size={config.model.vocab_size}; use a new workdir")
+    train_tokens, train_doc_ids = lm_data.tokenize_documents(train_docs, tokenizer)
+    eval_tokens, eval_doc_ids = lm_data.tokenize_documents(eval_docs, tokenizer)
+    eval_rows = lm_data.pack_rows(eval_tokens, eval_doc_ids, d.max_len)
+    baseline = lm_data.unigram_cross_entropy(train_tokens, eval_rows["targets"],
+                                             eval_rows["weights"], config.model.vocab_size)
+    return {
+        "train_rows": lm_data.pack_rows(train_tokens, train_doc_ids, d.max_len),
+        "eval_rows": eval_rows,
+        "tokenizer": tokenizer,
+        "info": {"train_tokens": int(train_tokens.size), "eval_tokens": int(eval_tokens.size),
+                 "unigram_eval_loss": float(baseline)},
+    }
+
+
+def loss_fn(params, batch, rng, *, model, train):
+    """Summed next-token cross-entropy over positions with weight 1, plus metric sums."""
+    logits_BLV = model.apply(
+        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+        deterministic=not train, rngs={"dropout": rng} if train else None)
+    logits_BLV = logits_BLV.astype(jnp.float32)  # the softmax and loss always run in fp32
+    nll_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
+    weights_BL = batch["weights"]
+    correct_BL = (jnp.argmax(logits_BLV, -1) == batch["targets"]) * weights_BL
+    loss_sum = jnp.sum(nll_BL * weights_BL)
+    return loss_sum, {"loss_sum": loss_sum, "weight_sum": jnp.sum(weights_BL),
+                      "correct_sum": jnp.sum(correct_BL)}
+
+
+def init_batch(config, batch_size):
+    """A dummy batch with the shapes of a real one, for initialisation."""
+    shape = (batch_size, config.data.max_len)
+    zeros = jnp.zeros(shape, jnp.int32)
+    return {"inputs": zeros, "targets": zeros, "positions": zeros,
+            "segment_ids": jnp.ones(shape, jnp.int32), "weights": jnp.ones(shape, jnp.float32)}
+
+
+def init_params(model, config, rng):
+    batch = init_batch(config, 1)
+    return model.init(rng, batch["inputs"], batch["positions"], batch["segment_ids"])["params"]
+
+
