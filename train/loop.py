@@ -225,3 +225,19 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
         bar.close()
         writer.close()
     return final
+
+
+def restore_params(config, workdir: str, task):
+    """(params, step) of the latest checkpoint in `workdir`, on the local devices."""
+    ckpt = checkpoint.Checkpointer(workdir, save_every_steps=1, keep=1, async_save=False)
+    if ckpt.latest_step() is None:
+        raise checkpoint.CheckpointMismatchError(
+            f"no checkpoint in {ckpt.directory}; train first with "
+            f"python -m train.main --config=... --workdir={workdir}")
+    mesh, rules = sharding.make_mesh({"data": -1}), sharding.rules_from_config(config)
+    model = task.build_model(config)
+    tx, _ = optim.make_optimizer(config.opt, config.num_train_steps, config.model.d_model)
+    abstract, _, _ = create_state_fns(task, config, model, tx, mesh, rules)
+    state, _ = ckpt.restore(abstract)
+    ckpt.close()
+    return state.params, int(state.step)

@@ -5,6 +5,7 @@
 
 Rerunning with the same --workdir resumes from its latest checkpoint.
 """
+import re
 import sys
 
 from absl import app, flags, logging
@@ -28,7 +29,8 @@ def parse_flags(argv):
         return flags.FLAGS(argv)
     except (KeyError, AttributeError, TypeError, ValueError, flags.Error) as e:
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        detail = str(e).replace("\\n", " ").replace("\n", " ").replace("\\", "").strip("'\" ")
+        detail = re.sub(r"\\n|\n|[\\'\"]", " ", str(e))
+        detail = " ".join(detail.split())
         print(f"error: bad config override among {overrides or argv[1:]}: {detail}. "
               "Fix the key (keys are listed in the experiment file's get_config) "
               "or the value's type.", file=sys.stderr)

@@ -1,0 +1,122 @@
+"""Samples text from a trained GPT run, with the KV cache.
+
+  python -m experiments.sample --workdir=runs/gpt_tiny --prompt="In the beginning" \
+      --temperature=0.8 --top_k=40 --num_samples=3
+  python -m experiments.sample --workdir=runs/gpt_tiny --prompt="And God said" --show_probs=10
+
+Temperature 0 is greedy decoding. --show_probs=N prints the N most likely next tokens after the
+prompt with their probabilities, p(token | prompt), before sampling.
+"""
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags, logging
+
+from data import tokenizer as tok
+from data.errors import DataError
+from models import decoding, gpt
+from train import checkpoint, loop
+from train.tasks import lm
+
+flags.DEFINE_string("workdir", None, "A trained run folder.", required=True)
+flags.DEFINE_string("prompt", "", "Text to continue (empty: start of a document).")
+flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 = greedy.")
+flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0 = off).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0 = off).")
+flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate per sample.")
+flags.DEFINE_integer("num_samples", 1, "Samples drawn in parallel.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_integer("show_probs", 0, "Print the N most likely next tokens after the prompt.")
+FLAGS = flags.FLAGS
+
+
+def load_run(workdir):
+    """(config, tokenizer, params) of a run folder."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise DataError(f"{workdir} is not a run folder (no config.json); train one with "
+                        "python -m train.main --config=experiments/gpt.py:tiny --workdir=...")
+    with open(path, encoding="utf-8") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    tokenizer = tok.load_tokenizer(os.path.join(workdir, "tokenizer.model"))
+    params, _ = loop.restore_params(config, workdir, lm)
+    return config, tokenizer, params
+
+
+def encode_prompt(prompt: str, tokenizer, max_len: int) -> list[int]:
+    """[BOS] + prompt ids; a prompt filling the whole context is an error."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"--prompt holds bytes that are not valid UTF-8 (at character "
+                        f"{e.start}); pass the prompt as UTF-8 text") from None
+    ids = [tok.BOS_ID] + tokenizer.encode(prompt)
+    if len(ids) >= max_len:
+        raise DataError(f"the prompt is {len(ids)} tokens (with BOS) but the model's context is "
+                        f"{max_len}; shorten the prompt to leave room for new tokens")
+    return ids
+
+
+def next_token_table(model, params, ids, tokenizer, n):
+    """Rows (piece, probability) of the n most likely next tokens after `ids`."""
+    logits = model.apply({"params": params}, jnp.asarray([ids], jnp.int32))[0, -1]
+    probs = jax.nn.softmax(logits.astype(jnp.float32))
+    top_p, top_i = jax.lax.top_k(probs, n)
+    return [(tokenizer.id_to_piece(int(i)), float(p)) for p, i in zip(top_p, top_i)]
+
+
+def generate(config, params, ids, *, num_samples, max_new_tokens, temperature, top_k, top_p,
+             seed):
+    """num_samples continuations of the prompt ids, each cut at EOS."""
+    decode_model = lm.build_model(config, decode=True)
+
+    @jax.jit
+    def run(params, prompt, rng):
+        def logits_fn(tokens, cache):
+            logits, variables = decode_model.apply({"params": params, "cache": cache}, tokens,
+                                                   mutable=["cache"])
+            return logits, variables["cache"]
+        cache = gpt.init_cache(decode_model, prompt.shape[0])
+        return decoding.sample(logits_fn, cache, prompt, rng, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_k=top_k, top_p=top_p,
+                               eos_id=tok.EOS_ID)
+
+    prompt = jnp.asarray([ids] * num_samples, jnp.int32)
+    out = jax.device_get(run(params, prompt, jax.random.key(seed)))
+    return [list(row[:list(row).index(tok.EOS_ID)] if tok.EOS_ID in row else row)
+            for row in out.tolist()]
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    try:
+        config, tokenizer, params = load_run(FLAGS.workdir)
+        ids = encode_prompt(FLAGS.prompt, tokenizer, config.model.max_len)
+    except (DataError, checkpoint.CheckpointMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    room = config.model.max_len - len(ids)
+    if FLAGS.max_new_tokens > room:
+        print(f"note: --max_new_tokens={FLAGS.max_new_tokens} cut to {room} to fit the "
+              f"{config.model.max_len}-token context", file=sys.stderr)
+    if FLAGS.show_probs:
+        print(f'p(next token | "{FLAGS.prompt}"):')
+        for rank, (piece, p) in enumerate(next_token_table(
+                lm.build_model(config), params, ids, tokenizer, FLAGS.show_probs), 1):
+            print(f"  {rank:3d}  {piece!r:<20} {p:.3f}")
+    samples = generate(config, params, ids, num_samples=FLAGS.num_samples,
+                       max_new_tokens=min(FLAGS.max_new_tokens, room),
+                       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                       seed=FLAGS.seed)
+    for i, new_ids in enumerate(samples):
+        print(f"--- sample {i + 1} (temperature {FLAGS.temperature}) ---")
+        print(tokenizer.decode(ids[1:] + new_ids))
+
+
+if __name__ == "__main__":
+    app.run(main)
