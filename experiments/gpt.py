@@ -54,6 +54,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3
+    c.stop_at_step = 0  # >0: save and exit after this step, as on SIGTERM (preemption drills)
 
     if arg == "smoke":
         c.model.dropout_rate = 0.0

@@ -6,3 +6,41 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+WORDS = ("the king went to the city and the people said that the river was dark "
+         "light came over the land and water ran by the stone of the old gate").split()
+
+
+def write_corpus(path, num_docs=120, seed=0):
+    """A generated English-like corpus: blank-line separated documents of random sentences."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(num_docs):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize()
+                     + "." for _ in range(rng.randint(2, 6))]
+        docs.append(" ".join(sentences))
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+def smoke_config(corpus, **overrides):
+    """The GPT :smoke config on a generated corpus, with dotted-key overrides."""
+    from experiments import gpt
+    config = gpt.get_config("smoke")
+    config.data.source = str(corpus)
+    for key, value in overrides.items():
+        section = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            section = section[name]
+        section[leaf] = value
+    return config

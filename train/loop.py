@@ -59,8 +59,8 @@ def make_train_step(loss_fn, tx, schedule, grad_accum_steps: int):
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        sums = dict(sums, grad_norm=optax.global_norm(grads),
-                    param_norm=optax.global_norm(params), learning_rate=schedule(state.step))
+        sums = dict(sums, grad_norm=optax.tree.norm(grads),
+                    param_norm=optax.tree.norm(params), learning_rate=schedule(state.step))
         return TrainState(state.step + 1, params, opt_state), sums
 
     return train_step
@@ -215,10 +215,12 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
                 bar.write(f"step {step}: eval loss {final['loss']:.4f} "
                           f"ppl {final['perplexity']:.2f} acc {final['accuracy']:.3f}")
                 window_start, window_steps = time.time(), 1  # keep eval out of tokens/s
+            if step == config.get("stop_at_step", 0):
+                stop["signal"] = True  # a preemption drill: same path as SIGTERM
             ckpt.save(step, state, train_iter.get_state(),
                       force=step == config.num_train_steps or stop["signal"])
         if stop["signal"]:
-            bar.write(f"SIGTERM: saved a checkpoint at step {step}; rerun to resume")
+            bar.write(f"stopped early: saved a checkpoint at step {step}; rerun to resume")
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         ckpt.close()

@@ -1,0 +1,55 @@
+"""Optimizer and schedules against their textbook formulas."""
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from train import optim
+
+
+def _opt(**kw):
+    base = dict(learning_rate=0.1, schedule="constant", warmup_steps=0, end_lr_fraction=0.0,
+                weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-9, clip_grad_norm=0.0,
+                grad_accum_steps=1)
+    return ml_collections.ConfigDict({**base, **kw})
+
+
+def test_adamw_with_clipping_matches_the_textbook_update():
+    tx, _ = optim.make_optimizer(_opt(clip_grad_norm=0.5), 10)
+    params = {"w": jnp.array([[1.0, -2.0]]), "b": jnp.array([0.5])}
+    grads = [{"w": jnp.array([[3.0, -1.0]]), "b": jnp.array([2.0])},  # norm 3.7: clipped
+             {"w": jnp.array([[-0.2, 0.4]]), "b": jnp.array([0.1])}]
+    state = tx.init(params)
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for t, g in enumerate(grads, 1):
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+        norm = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in g.values()))
+        g = {k: np.asarray(x) * min(1.0, 0.5 / norm) for k, x in g.items()}  # global-norm clip
+        for k in p:
+            m[k] = 0.9 * m[k] + 0.1 * np.asarray(g[k])
+            v[k] = 0.98 * v[k] + 0.02 * np.asarray(g[k]) ** 2
+            step = (m[k] / (1 - 0.9 ** t)) / (np.sqrt(v[k] / (1 - 0.98 ** t)) + 1e-9)
+            decay = 0.01 * p[k] if p[k].ndim > 1 else 0.0  # no decay on biases / 1-D params
+            p[k] = p[k] - 0.1 * (step + decay)
+    for k in p:
+        np.testing.assert_allclose(params[k], p[k], rtol=1e-5)
+
+
+def test_noam_schedule_is_the_paper_formula():
+    sched = optim.noam_schedule(512, 4000)
+    for step in (1, 100, 4000, 20000):
+        expected = 512 ** -0.5 * min(step ** -0.5, step * 4000 ** -1.5)
+        assert float(sched(step - 1)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_warmup_cosine_and_linear_shapes():
+    cos = optim.make_schedule(_opt(schedule="cosine", warmup_steps=10, end_lr_fraction=0.1), 110)
+    lin = optim.make_schedule(_opt(schedule="linear", warmup_steps=10), 110)
+    assert float(cos(5)) == pytest.approx(0.05) and float(cos(10)) == pytest.approx(0.1)
+    assert float(cos(60)) == pytest.approx(0.01 + 0.09 * 0.5, rel=1e-4)
+    assert float(cos(110)) == pytest.approx(0.01, rel=1e-4)
+    assert float(lin(60)) == pytest.approx(0.05, rel=1e-4)
