@@ -1,0 +1,132 @@
+"""End-to-end command-line runs: train, resume, sample, compare, and every bad input."""
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import smoke_config
+from train import checkpoint, loop
+from train.tasks import lm
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(module, *args, check=True):
+    """Runs `python -m module args` from the repository root; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                          text=True, errors="surrogateescape", timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train(workdir, corpus, *overrides, check=True):
+    return run("train.main", "--config=experiments/gpt.py:smoke", f"--workdir={workdir}",
+               f"--config.data.source={corpus}", *overrides, check=check)
+
+
+def tree_digest(path):
+    """Hash of every file's name and bytes under `path` (to prove nothing was touched)."""
+    h = hashlib.sha256()
+    for f in sorted(pathlib.Path(path).rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(path)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained_run(corpus_file, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run") / "gpt_smoke"
+    train(workdir, corpus_file, "--config.num_train_steps=30", "--config.eval_every_steps=15",
+          "--config.keep_checkpoints=2")
+    return workdir
+
+
+def test_training_run_writes_the_run_folder(trained_run):
+    for name in ("config.json", "tokenizer.model", "metrics.jsonl", "tensorboard"):
+        assert (trained_run / name).exists(), name
+    assert sorted(os.listdir(trained_run / "checkpoints")) == ["20", "30"]  # every 10, keep 2
+
+
+def test_greedy_sampling_is_deterministic_and_shows_probabilities(trained_run):
+    args = ("--workdir", str(trained_run), "--prompt=The king", "--temperature=0",
+            "--max_new_tokens=8", "--show_probs=5")
+    first, second = run("experiments.sample", *args), run("experiments.sample", *args)
+    assert first.stdout == second.stdout
+    rows = [line.split() for line in first.stdout.splitlines() if line.startswith("    ")]
+    probs = [float(r[-1]) for r in rows]
+    assert len(probs) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0
+    assert "--- sample 1" in first.stdout
+
+
+def test_compare_prints_a_table_and_a_plot(trained_run, tmp_path):
+    out = run("experiments.compare", str(trained_run), f"--out={tmp_path / 'c.png'}")
+    assert "gpt_smoke" in out.stdout and (tmp_path / "c.png").stat().st_size > 1000
+
+
+def _assert_clear_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_changed_model_shape_is_refused_and_checkpoint_kept(trained_run, corpus_file):
+    before = tree_digest(trained_run / "checkpoints")
+    proc = train(trained_run, corpus_file, "--config.num_train_steps=30",
+                 "--config.model.d_model=64", check=False)
+    _assert_clear_error(proc, "model.d_model", "new --workdir")
+    assert tree_digest(trained_run / "checkpoints") == before
+
+
+def test_checkpoint_shape_mismatch_is_a_clear_error(trained_run, corpus_file):
+    config = smoke_config(corpus_file, **{"model.d_ff": 48})
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="different model shape"):
+        loop.restore_params(config, str(trained_run), lm)
+
+
+def test_unknown_config_key(tmp_path, corpus_file):
+    proc = train(tmp_path, corpus_file, "--config.model.dmodel=64", check=False)
+    _assert_clear_error(proc, "dmodel", "d_model")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "too_short", "latin1"])
+def test_bad_corpus(case, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    if case == "empty":
+        corpus.write_text("  \n\n")
+    elif case == "too_short":
+        corpus.write_text("Hello there.\n\nGood day to you.\n")
+    elif case == "latin1":
+        corpus.write_bytes("Caf\u00e9 au lait.\n\nD\u00e9j\u00e0 vu.\n".encode("latin-1"))
+    needle = {"missing": "no file", "empty": "empty", "too_short": "max_len",
+              "latin1": "UTF-8"}[case]
+    proc = train(tmp_path / "run", corpus, check=False)
+    _assert_clear_error(proc, needle)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_prompt_longer_than_the_context(trained_run):
+    proc = run("experiments.sample", f"--workdir={trained_run}", "--prompt=" + "king " * 40,
+               check=False)
+    _assert_clear_error(proc, "context", "shorten the prompt")
+
+
+def test_prompt_with_invalid_utf8_bytes(trained_run):
+    prompt = b"The king \xff\xfe".decode("utf-8", "surrogateescape")
+    proc = run("experiments.sample", f"--workdir={trained_run}", f"--prompt={prompt}",
+               check=False)
+    _assert_clear_error(proc, "UTF-8")
+
+
+def test_sampling_without_a_run(tmp_path):
+    _assert_clear_error(run("experiments.sample", f"--workdir={tmp_path}", check=False),
+                        "not a run folder")
+
+
