@@ -221,6 +221,9 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
                       force=step == config.num_train_steps or stop["signal"])
         if stop["signal"]:
             bar.write(f"stopped early: saved a checkpoint at step {step}; rerun to resume")
+        elif final and "unigram_eval_loss" in data["info"]:
+            bar.write(f"final eval loss {final['loss']:.4f} (perplexity {final['perplexity']:.1f})"
+                      f" vs unigram baseline {data['info']['unigram_eval_loss']:.4f}")
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         ckpt.close()
