@@ -12,26 +12,50 @@ import jax.numpy as jnp
 NEG_INF = -1e30  # finite, so an all-filtered row cannot produce NaNs
 
 
+def _ordered_keys(x):
+    """Maps float32 to int32 keys with the same order, so a threshold can be bisected on ints."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _largest_threshold(keys_BV, enough):
+    """Per row, the largest key t with enough(keys >= t) true (enough is monotone in t).
+
+    32 bisection steps over the int32 key range find it exactly. This replaces a sort: XLA's
+    CPU sort costs about 1 ms per 8k-vocabulary row, 32 vectorised compares cost microseconds.
+    """
+    lo = jnp.min(keys_BV, axis=-1)  # enough(keys >= min) holds: every token is kept
+    hi = jnp.max(keys_BV, axis=-1) + 1  # enough(keys >= max + 1) fails: nothing is kept
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = enough(keys_BV >= mid[:, None])
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, bisect, (lo, hi))
+    return lo
+
+
 def filter_logits(logits_BV, *, top_k=0, top_p=1.0):
     """Keeps the top-k tokens and/or the smallest set whose probability mass reaches top_p.
 
-    Top-p (nucleus, Holtzman et al. 2019): sort by probability, keep a token if the mass of the
-    tokens strictly before it is below p, so the token that crosses p is kept and the most
-    likely token always survives.
+    Top-p (nucleus, Holtzman et al. 2019): in order of probability, keep a token while the mass
+    of the tokens before it is below p, so the token that crosses p is kept and the most likely
+    token always survives. Both filters keep every token tied with the last one kept.
     """
     logits_BV = logits_BV.astype(jnp.float32)
+    keys_BV = _ordered_keys(logits_BV)
     if top_k and top_k > 0:
-        kth_BV = jax.lax.top_k(logits_BV, top_k)[0][..., -1:]
-        logits_BV = jnp.where(logits_BV < kth_BV, NEG_INF, logits_BV)
+        kth = _largest_threshold(keys_BV, lambda kept: jnp.sum(kept, -1) >= top_k)
+        logits_BV = jnp.where(keys_BV >= kth[:, None], logits_BV, NEG_INF)
     if top_p < 1.0:
-        order_BV = jnp.argsort(-logits_BV, axis=-1)
-        sorted_BV = jnp.take_along_axis(logits_BV, order_BV, axis=-1)
-        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-        mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-        keep_sorted_BV = mass_before_BV < top_p
-        keep_BV = jnp.zeros_like(keep_sorted_BV).at[
-            jnp.arange(logits_BV.shape[0])[:, None], order_BV].set(keep_sorted_BV)
-        logits_BV = jnp.where(keep_BV, logits_BV, NEG_INF)
+        probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+        # The last kept token is the least likely one whose "at least as likely" set already
+        # holds mass >= p.
+        cut = _largest_threshold(
+            keys_BV, lambda kept: jnp.sum(jnp.where(kept, probs_BV, 0.0), -1) >= top_p)
+        logits_BV = jnp.where(keys_BV >= cut[:, None], logits_BV, NEG_INF)
     return logits_BV
 
 

@@ -53,21 +53,24 @@ def make_attention_mask(q_segment_BL=None, kv_segment_BS=None, *, causal=False, 
     return None if mask is None else mask[:, None, :, :]
 
 
-def reference_attention(q_BLHK, k_BSHK, v_BSHK, mask_B1LS=None, dropout_fn=None):
+def reference_attention(q_BLHK, k_BSHK, v_BSHK, mask_B1LS=None, dropout_fn=None,
+                        heads_first_kv=False):
     """softmax(Q K^T / sqrt(d_k) + M) V per head, written out (sec. 3.2.1).
 
     The 1/sqrt(d_k) keeps the dot products' variance near 1 so the softmax does not saturate.
-    The softmax runs in float32 whatever the compute dtype.
+    The softmax runs in float32 whatever the compute dtype. With `heads_first_kv` the keys and
+    values are laid out B,H,S,K (the KV cache's layout).
     """
+    kv = "bhsk" if heads_first_kv else "bshk"
     scale = 1.0 / np.sqrt(q_BLHK.shape[-1])
-    logits_BHLS = jnp.einsum("blhk,bshk->bhls", q_BLHK, k_BSHK).astype(jnp.float32) * scale
+    logits_BHLS = jnp.einsum(f"blhk,{kv}->bhls", q_BLHK, k_BSHK).astype(jnp.float32) * scale
     if mask_B1LS is not None:
         # A large finite negative rather than -inf: a fully masked (padding) row stays finite.
         logits_BHLS = jnp.where(mask_B1LS, logits_BHLS, jnp.finfo(jnp.float32).min)
     weights_BHLS = jax.nn.softmax(logits_BHLS, axis=-1).astype(v_BSHK.dtype)
     if dropout_fn is not None:
         weights_BHLS = dropout_fn(weights_BHLS)
-    return jnp.einsum("bhls,bshk->blhk", weights_BHLS, v_BSHK)
+    return jnp.einsum(f"bhls,{kv}->blhk", weights_BHLS, v_BSHK)
 
 
 class Projection(nn.Module):
@@ -124,52 +127,69 @@ class MultiHeadAttention(nn.Module):
         k_BSHK = self._project(m_BSD, "key")
         v_BSHK = self._project(m_BSD, "value")
 
-        mask_B1LS = None
         if self.decode and kv_BSD is None:
-            k_BSHK, v_BSHK, mask_B1LS = self._update_cache(k_BSHK, v_BSHK)
-        elif segment_ids_BL is not None or kv_segment_ids_BS is not None:
-            q_seg = segment_ids_BL if segment_ids_BL is not None else jnp.ones(
-                x_BLD.shape[:2], jnp.int32)
-            mask_B1LS = make_attention_mask(q_seg, kv_segment_ids_BS, causal=causal)
-        use_causal_flag = causal and mask_B1LS is None
-
-        attn_dropout = self.dropout_rate > 0 and not deterministic
-        if self.implementation == "reference" or attn_dropout:
-            if use_causal_flag:
-                mask_B1LS = make_attention_mask(causal=True, q_len=q_BLHK.shape[1],
-                                                kv_len=k_BSHK.shape[1])
-            dropout_fn = None
-            if attn_dropout:
-                dropout_fn = lambda w: nn.Dropout(self.dropout_rate)(w, deterministic=False)
-            z_BLHK = reference_attention(q_BLHK, k_BSHK, v_BSHK, mask_B1LS, dropout_fn)
-        elif self.implementation == "fast":
-            # XLA on CPU/TPU, cuDNN flash attention on GPUs when shapes and dtypes allow.
-            z_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, mask=mask_B1LS,
-                                                  is_causal=use_causal_flag)
+            z_BLHK = self._cached_attention(q_BLHK, k_BSHK, v_BSHK)
         else:
-            raise ValueError(f"unknown attention implementation {self.implementation!r}; "
-                             "use 'fast' or 'reference'")
+            z_BLHK = self._attention(q_BLHK, k_BSHK, v_BSHK, segment_ids_BL, kv_segment_ids_BS,
+                                     causal, deterministic)
         return Projection((x_BLD.shape[-1],), (HEADS, KV, EMBED), in_dims=2, dtype=self.dtype,
                           param_dtype=self.param_dtype, name="out")(z_BLHK)
 
-    def _update_cache(self, k_BLHK, v_BLHK):
-        """Writes the new keys/values at the cache index; returns the full cache and its mask."""
+    def _attention(self, q_BLHK, k_BSHK, v_BSHK, segment_ids_BL, kv_segment_ids_BS, causal,
+                   deterministic):
+        """Full-sequence attention with causal / padding / packed-segment masking."""
+        mask_B1LS = None
+        if segment_ids_BL is not None or kv_segment_ids_BS is not None:
+            q_seg = segment_ids_BL if segment_ids_BL is not None else jnp.ones(
+                q_BLHK.shape[:2], jnp.int32)
+            mask_B1LS = make_attention_mask(q_seg, kv_segment_ids_BS, causal=causal)
+        causal_only = causal and mask_B1LS is None
+        attn_dropout = self.dropout_rate > 0 and not deterministic
+        if self.implementation == "fast" and not attn_dropout:
+            # XLA on CPU/TPU, cuDNN flash attention on GPUs when shapes and dtypes allow.
+            return jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, mask=mask_B1LS,
+                                                is_causal=causal_only)
+        if self.implementation not in ("fast", "reference"):
+            raise ValueError(f"unknown attention implementation {self.implementation!r}; "
+                             "use 'fast' or 'reference'")
+        if causal_only:
+            mask_B1LS = make_attention_mask(causal=True, q_len=q_BLHK.shape[1],
+                                            kv_len=k_BSHK.shape[1])
+        dropout_fn = None
+        if attn_dropout:  # dropout on the attention weights needs the explicit path
+            dropout_fn = lambda w: nn.Dropout(self.dropout_rate)(w, deterministic=False)
+        return reference_attention(q_BLHK, k_BSHK, v_BSHK, mask_B1LS, dropout_fn)
+
+    def _cached_attention(self, q_BLHK, k_BLHK, v_BLHK):
+        """Incremental causal self-attention: appends the new keys/values to the cache and
+        attends over everything cached so far.
+
+        The cache is stored heads-first (B,H,S,K): each step's q.k and p.v are then batched
+        products over contiguous memory. With a B,S,H,K cache XLA transposed (copied) the whole
+        cache at every step, which made CPU decoding about 5x slower per layer.
+        """
         initialized = self.has_variable("cache", "cached_key")
-        cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BLHK.shape, k_BLHK.dtype)
-        cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BLHK.shape, v_BLHK.dtype)
+        b, length, h, k = k_BLHK.shape
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, (b, h, length, k),
+                                 k_BLHK.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, (b, h, length, k),
+                                 v_BLHK.dtype)
         index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
         if not initialized:  # the init call only sizes the cache
-            return k_BLHK, v_BLHK, None
-        i, new_len = index.value, k_BLHK.shape[1]
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BLHK, (0, i, 0, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BLHK, (0, i, 0, 0))
-        index.value = i + new_len
+            mask = make_attention_mask(causal=True, q_len=length, kv_len=length)
+            return reference_attention(q_BLHK, k_BLHK, v_BLHK, mask)
+        i = index.value
+        cached_k.value = jax.lax.dynamic_update_slice(
+            cached_k.value, k_BLHK.transpose(0, 2, 1, 3), (0, 0, i, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(
+            cached_v.value, v_BLHK.transpose(0, 2, 1, 3), (0, 0, i, 0))
+        index.value = i + length
         # New token j sits at absolute position i + j and sees cache slots 0..i+j; slots past
         # the write head hold zeros and are masked by the same comparison.
-        mask = make_attention_mask(causal=True, q_len=new_len, kv_len=cached_k.value.shape[1],
+        mask = make_attention_mask(causal=True, q_len=length, kv_len=cached_k.value.shape[2],
                                    q_offset=i)
-        return cached_k.value, cached_v.value, jnp.broadcast_to(
-            mask, (k_BLHK.shape[0],) + mask.shape[1:])
+        return reference_attention(q_BLHK, cached_k.value, cached_v.value, mask,
+                                   heads_first_kv=True)
 
 
 class FeedForward(nn.Module):
