@@ -12,13 +12,14 @@ matmul on CPU, the data-sheet bf16 peak on GPU/TPU. Generation: a 32-token promp
 import functools
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from models import decoding
+from models import gpt
 from train import loop, metrics as metrics_lib, optim, sharding
 from train.tasks import lm
 
@@ -77,25 +78,14 @@ def bench_training(config, peak):
     return tps, lm.flops_per_token(config) * tps / peak, compile_s
 
 
-def bench_generation(config, batch_size):
+def bench_generation(config, batch_size, **sampling):
     """New tokens per second for a prompt of FLAGS.prompt_len continued by FLAGS.new_tokens."""
     model = lm.build_model(config)
-    decode_model = lm.build_model(config, decode=True)
-    params = jax.jit(lambda r: lm.init_params(model, config, r))(jax.random.key(0))
-    params = jax.tree.map(lambda x: getattr(x, "value", x), params,
-                          is_leaf=lambda x: hasattr(x, "value"))
+    params = nn.meta.unbox(jax.jit(lambda r: lm.init_params(model, config, r))(
+        jax.random.key(0)))
+    generate = jax.jit(functools.partial(gpt.generate, lm.build_model(config, decode=True),
+                                         max_new_tokens=FLAGS.new_tokens, **sampling))
     prompt = jnp.ones((batch_size, FLAGS.prompt_len), jnp.int32)
-
-    @jax.jit
-    def generate(params, prompt, rng):
-        def logits_fn(tokens, cache):
-            logits, v = decode_model.apply({"params": params, "cache": cache}, tokens,
-                                           mutable=["cache"])
-            return logits, v["cache"]
-        cache = lm.gpt.init_cache(decode_model, batch_size)
-        return decoding.sample(logits_fn, cache, prompt, rng, max_new_tokens=FLAGS.new_tokens,
-                               temperature=1.0, top_k=40)
-
     generate(params, prompt, jax.random.key(0)).block_until_ready()
     seconds = _timed(lambda: generate(params, prompt, jax.random.key(1)).block_until_ready(), 3)
     return batch_size * FLAGS.new_tokens / seconds
@@ -113,10 +103,11 @@ def main(argv):
     print(f"train: {tps:,.0f} tokens/s | MFU {100 * mfu:.1f}% | compile {compile_s:.1f}s | "
           f"batch {config.batch_size} x seq {config.data.max_len}")
     if FLAGS.generate:
-        for batch_size in (1, 8):
-            print(f"generate: batch {batch_size}: "
-                  f"{bench_generation(config, batch_size):,.0f} new tokens/s "
-                  f"({FLAGS.prompt_len}-token prompt, {FLAGS.new_tokens} new)")
+        for name, sampling in (("greedy", dict(temperature=0.0)),
+                               ("top-k 40", dict(temperature=1.0, top_k=40))):
+            rates = [bench_generation(config, b, **sampling) for b in (1, 8)]
+            print(f"generate ({name}, {FLAGS.prompt_len}-token prompt, {FLAGS.new_tokens} new): "
+                  f"batch 1: {rates[0]:,.0f} | batch 8: {rates[1]:,.0f} new tokens/s")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 Temperature 0 is greedy decoding. --show_probs=N prints the N most likely next tokens after the
 prompt with their probabilities, p(token | prompt), before sampling.
 """
+import functools
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from absl import app, flags, logging
 
 from data import tokenizer as tok
 from data.errors import DataError
-from models import decoding, gpt
+from models import gpt
 from train import checkpoint, loop
 from train.tasks import lm
 
@@ -72,23 +73,12 @@ def next_token_table(model, params, ids, tokenizer, n):
 def generate(config, params, ids, *, num_samples, max_new_tokens, temperature, top_k, top_p,
              seed):
     """num_samples continuations of the prompt ids, each cut at EOS."""
-    decode_model = lm.build_model(config, decode=True)
-
-    @jax.jit
-    def run(params, prompt, rng):
-        def logits_fn(tokens, cache):
-            logits, variables = decode_model.apply({"params": params, "cache": cache}, tokens,
-                                                   mutable=["cache"])
-            return logits, variables["cache"]
-        cache = gpt.init_cache(decode_model, prompt.shape[0])
-        return decoding.sample(logits_fn, cache, prompt, rng, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_k=top_k, top_p=top_p,
-                               eos_id=tok.EOS_ID)
-
+    run = jax.jit(functools.partial(
+        gpt.generate, lm.build_model(config, decode=True), max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tok.EOS_ID))
     prompt = jnp.asarray([ids] * num_samples, jnp.int32)
     out = jax.device_get(run(params, prompt, jax.random.key(seed)))
-    return [list(row[:list(row).index(tok.EOS_ID)] if tok.EOS_ID in row else row)
-            for row in out.tolist()]
+    return [row[:row.index(tok.EOS_ID)] if tok.EOS_ID in row else row for row in out.tolist()]
 
 
 def main(argv):

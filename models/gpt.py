@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers
+from models import decoding, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,3 +99,19 @@ def init_cache(model: GPT, batch_size: int):
     shapes = jax.eval_shape(lambda: model.init(
         jax.random.key(0), jnp.zeros((batch_size, model.config.max_len), jnp.int32)))
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+
+def generate(decode_model: GPT, params, prompt_BP, rng, *, max_new_tokens, temperature=1.0,
+             top_k=0, top_p=1.0, eos_id=-1):
+    """B,max_new_tokens continuation ids of each prompt row, sampled with the KV cache.
+
+    Meant to run under jax.jit with the sampling settings bound (functools.partial).
+    """
+    def logits_fn(tokens_BL, cache):
+        logits_BLV, variables = decode_model.apply({"params": params, "cache": cache},
+                                                   tokens_BL, mutable=["cache"])
+        return logits_BLV, variables["cache"]
+
+    return decoding.sample(logits_fn, init_cache(decode_model, prompt_BP.shape[0]), prompt_BP,
+                           rng, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, eos_id=eos_id)

@@ -1,0 +1,74 @@
+"""The Hugging Face PyTorch baseline of experiments/bench.py, for same-machine ratios.
+
+Not part of requirements.txt; run it from a separate environment:
+  python -m venv /tmp/hf && /tmp/hf/bin/pip install torch transformers
+  /tmp/hf/bin/python experiments/bench_reference.py --preset=bench_small [--compile]
+
+Times GPT2LMHeadModel (AdamW, forward + backward + step, random tokens) at the bench presets'
+shapes, and `generate` with its KV cache (32-token prompt, 128 new tokens, greedy) at batch 1
+and 8, printing the same lines as experiments/bench.py.
+"""
+import argparse
+import time
+
+import torch
+import transformers
+
+PRESETS = {  # name: (vocab, layers, d_model, heads, seq, batch), as in experiments/gpt.py
+    "bench_small": (8192, 4, 256, 4, 256, 16),
+    "bench_124m": (50257, 12, 768, 12, 256, 4),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="bench_small", choices=sorted(PRESETS))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+    vocab, layers, d_model, heads, seq, batch = PRESETS[args.preset]
+    config = transformers.GPT2Config(vocab_size=vocab, n_positions=max(seq, 160), n_embd=d_model,
+                                     n_layer=layers, n_head=heads, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step_model = torch.compile(model) if args.compile else model
+    tokens = torch.randint(0, vocab, (batch, seq))
+
+    def step():
+        loss = step_model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = (time.perf_counter() - start) / args.steps
+    print(f"train: {batch * seq / seconds:,.0f} tokens/s | torch {torch.__version__} "
+          f"{'compiled' if args.compile else 'eager'} | batch {batch} x seq {seq}")
+    if not args.generate:
+        return
+    model.eval()
+    rates = []
+    for b in (1, 8):
+        prompt = torch.randint(0, vocab, (b, 32))
+        kwargs = dict(max_new_tokens=128, min_new_tokens=128, do_sample=False,
+                      pad_token_id=0, attention_mask=torch.ones_like(prompt))
+        with torch.no_grad():
+            model.generate(prompt, **kwargs)
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                model.generate(prompt, **kwargs)
+                best = min(best, time.perf_counter() - start)
+        rates.append(b * 128 / best)
+    print(f"generate (greedy, 32-token prompt, 128 new): batch 1: {rates[0]:,.0f} | "
+          f"batch 8: {rates[1]:,.0f} new tokens/s")
+
+
+if __name__ == "__main__":
+    main()
