@@ -58,10 +58,7 @@ def bench_training(config, peak):
     with jax.set_mesh(mesh):
         state = init_fn(jax.random.key(0))
         batch = sharding.global_batch(batch, batch_sh)
-        step_fn = loop.make_train_step(functools.partial(lm.loss_fn, model=model, train=True),
-                                       tx, schedule, config.opt.grad_accum_steps)
-        train_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(state_sh, batch_sh, None),
-                             out_shardings=(state_sh, None))
+        train_step = loop.jit_train_step(lm, config, model, tx, schedule, state_sh, batch_sh)
         rng = jax.random.key(1)
         t0 = time.perf_counter()
         compiled = train_step.lower(state, batch, rng).compile()

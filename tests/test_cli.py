@@ -1,9 +1,12 @@
 """End-to-end command-line runs: train, resume, sample, compare, and every bad input."""
 import hashlib
+import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -130,3 +133,32 @@ def test_sampling_without_a_run(tmp_path):
                         "not a run folder")
 
 
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(corpus_file, tmp_path):
+    """A preempted run (SIGTERM) checkpoints where it stands; the same command resumes it."""
+    args = [sys.executable, "-m", "train.main", "--config=experiments/gpt.py:smoke",
+            f"--workdir={tmp_path}", f"--config.data.source={corpus_file}",
+            "--config.num_train_steps=100000", "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=1000000", "--config.eval_every_steps=1000000"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stopped early" in stdout + stderr
+    saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+    assert len(saved) == 1 and 0 < saved[0] < 100000
+    last_logged = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    assert saved[0] >= last_logged
+    # Rerunning the same command (with an end in reach) continues from the saved step.
+    train(tmp_path, corpus_file, f"--config.num_train_steps={saved[0] + 3}",
+          "--config.log_every_steps=1")
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["split"] == "train"]
+    assert train_steps[-3:] == [saved[0] + 1, saved[0] + 2, saved[0] + 3]
+    assert train_steps == sorted(set(train_steps))  # no step trained twice

@@ -66,6 +66,14 @@ def make_train_step(loss_fn, tx, schedule, grad_accum_steps: int):
     return train_step
 
 
+def jit_train_step(task, config, model, tx, schedule, state_shardings, batch_shard):
+    """The task's train_step, jitted once with shardings and a donated state."""
+    step_fn = make_train_step(functools.partial(task.loss_fn, model=model, train=True), tx,
+                              schedule, config.opt.grad_accum_steps)
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shard, None),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+
+
 def create_state_fns(task, config, model, tx, mesh, rules):
     """(abstract sharded state, jitted init_fn(rng) -> state placed on the mesh)."""
     def init_boxed(rng):
@@ -111,6 +119,17 @@ def check_resume_config(config, workdir):
             "Use a new --workdir, or rerun with the saved values; nothing was overwritten.")
 
 
+def _train_metrics(step_sums, steps_per_sec, tokens_per_step, step_seconds_at_peak):
+    """Means over the logged steps (exact: sums / counts), last norms and rate, throughput, MFU."""
+    summed = {k: sum(m[k] for m in step_sums) for k in ("loss_sum", "weight_sum", "correct_sum")}
+    summed.update({k: step_sums[-1][k] for k in ("grad_norm", "param_norm", "learning_rate")})
+    out = metrics_lib.summarize(summed)
+    if steps_per_sec is not None:
+        out["tokens_per_sec"] = steps_per_sec * tokens_per_step
+        out["mfu"] = steps_per_sec * step_seconds_at_peak  # model FLOP/s over peak FLOP/s
+    return out
+
+
 def _last_wall_time(workdir):
     """Wall time already spent by earlier runs in this workdir (0 for a new run)."""
     path = os.path.join(workdir, "metrics.jsonl")
@@ -154,10 +173,8 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
             train_iter.set_state(data_state)
         else:
             state = init_fn(jax.random.fold_in(rng, 0))
-        step_fn = make_train_step(functools.partial(task.loss_fn, model=model, train=True),
-                                  tx, schedule, config.opt.grad_accum_steps)
-        train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shard, repl),
-                             out_shardings=(state_shardings, repl), donate_argnums=0)
+        train_step = jit_train_step(task, config, model, tx, schedule, state_shardings,
+                                    batch_shard)
         eval_step = jax.jit(lambda p, b: task.loss_fn(p, b, None, model=model, train=False)[1],
                             in_shardings=(state_shardings.params, batch_shard), out_shardings=repl)
         return _run(config, workdir, task, data, state, train_iter, train_step, eval_step, ckpt,
@@ -180,7 +197,7 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
               f"{'resuming at step ' + str(first_step) if first_step else 'new run'}")
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
-    wall0, pending, window_start, window_steps = _last_wall_time(workdir), [], None, 0
+    wall0, pending, timer = _last_wall_time(workdir), [], metrics_lib.Throughput()
     run_start, final = time.time(), {}
     step = first_step
     try:
@@ -189,32 +206,28 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
             state, step_metrics = train_step(state, batch, dropout_rng)
             step += 1
             pending.append(step_metrics)
-            if window_start is None:  # exclude compilation from throughput
+            if step == first_step + 1:  # the compiling step is left out of throughput
                 jax.block_until_ready(step_metrics)
-                window_start, window_steps, pending = time.time(), 0, [step_metrics]
-            window_steps += 1
+                timer.restart()
+            else:
+                timer.tick()
             if step % config.log_every_steps == 0 or step == config.num_train_steps:
-                sums = jax.device_get(pending)
-                summed = {k: sum(m[k] for m in sums) for k in ("loss_sum", "weight_sum",
-                                                               "correct_sum")}
-                summed.update({k: sums[-1][k] for k in ("grad_norm", "param_norm",
-                                                         "learning_rate")})
-                elapsed = max(time.time() - window_start, 1e-9)
-                tps = tokens_per_step * max(window_steps - 1, 1) / elapsed
-                train_metrics = dict(metrics_lib.summarize(summed), tokens_per_sec=tps,
-                                     mfu=flops_per_step / tokens_per_step * tps / peak,
-                                     wall_time=wall0 + time.time() - run_start,
+                train_metrics = _train_metrics(jax.device_get(pending), timer.steps_per_sec(),
+                                               tokens_per_step, flops_per_step / peak)
+                timer.restart()
+                train_metrics.update(wall_time=wall0 + time.time() - run_start,
                                      tokens=step * tokens_per_step)
                 writer.write(step, "train", train_metrics)
-                bar.update_to(step, loss=train_metrics["loss"], tok_s=tps)
-                pending, window_start, window_steps = [], time.time(), 1
+                bar.update_to(step, loss=train_metrics["loss"],
+                              tok_s=train_metrics.get("tokens_per_sec", 0.0))
+                pending = []
             if step % config.eval_every_steps == 0 or step == config.num_train_steps:
                 final = evaluate(eval_step, state, data["eval_rows"], config, batch_shard)
                 final["wall_time"] = wall0 + time.time() - run_start
                 writer.write(step, "eval", final)
                 bar.write(f"step {step}: eval loss {final['loss']:.4f} "
                           f"ppl {final['perplexity']:.2f} acc {final['accuracy']:.3f}")
-                window_start, window_steps = time.time(), 1  # keep eval out of tokens/s
+                timer.restart()
             if step == config.get("stop_at_step", 0):
                 stop["signal"] = True  # a preemption drill: same path as SIGTERM
             ckpt.save(step, state, train_iter.get_state(),

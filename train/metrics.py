@@ -90,6 +90,30 @@ class MetricWriter:
             self._tb.close()
 
 
+class Throughput:
+    """Training steps per second between log points, with compilation and evaluation left out.
+
+    `restart()` is called once the device has caught up (after the first, compiling step, after
+    each log point's device_get and after evaluation); `tick()` counts each step dispatched
+    after that.
+    """
+
+    def __init__(self):
+        self._start, self._steps = None, 0
+
+    def restart(self):
+        self._start, self._steps = time.time(), 0
+
+    def tick(self):
+        self._steps += 1
+
+    def steps_per_sec(self):
+        """None until at least one step has been timed."""
+        if self._start is None or self._steps == 0:
+            return None
+        return self._steps / max(time.time() - self._start, 1e-9)
+
+
 class ProgressBar:
     """tqdm bar over training steps showing loss, tokens/s and ETA (process 0 only)."""
 

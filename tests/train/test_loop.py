@@ -1,5 +1,4 @@
 """The training loop: sharding invariance, accumulation, exact resume, overfitting, golden step."""
-import functools
 import json
 
 import flax.linen as nn
@@ -35,9 +34,7 @@ def _one_step(config, devices, batch, steps=1):
     batch_sh = sharding.batch_sharding(mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = init_fn(jax.random.key(0))
-        step = jax.jit(loop.make_train_step(
-            functools.partial(lm.loss_fn, model=model, train=True), tx, schedule,
-            config.opt.grad_accum_steps), in_shardings=(state_sh, batch_sh, None))
+        step = loop.jit_train_step(lm, config, model, tx, schedule, state_sh, batch_sh)
         losses = []
         for _ in range(steps):
             state, metrics = step(state, sharding.global_batch(batch, batch_sh),
