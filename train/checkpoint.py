@@ -5,6 +5,7 @@ and at the end, the last K kept, restore into an abstract *sharded* state so a r
 device count resumes on another. The grain iterator state is saved as JSON beside the arrays,
 so a resumed run sees exactly the batches it would have seen.
 """
+import json
 import os
 
 import jax
@@ -78,3 +79,21 @@ def _check_shapes(saved_metadata, abstract_state, directory):
             f"the checkpoint in {directory} was saved from a different model shape ({shown}). "
             "Use a new --workdir for this config, or restore the config of that run; "
             "the existing checkpoint was left untouched.")
+
+
+def check_resume_config(config, workdir):
+    """Refuses to resume a run folder whose saved model/data config differs from this one."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    current = json.loads(config.to_json())
+    ignored = {"cache_dir"}  # where the corpus is cached does not change the run
+    diffs = [f"{section}.{k}: saved {saved.get(section, {}).get(k)!r} vs now {v!r}"
+             for section in ("model", "data") for k, v in current[section].items()
+             if section in saved and k not in ignored and saved[section].get(k) != v]
+    if diffs:
+        raise CheckpointMismatchError(
+            f"{workdir} holds a run with a different config ({'; '.join(diffs[:4])}). "
+            "Use a new --workdir, or rerun with the saved values; nothing was overwritten.")

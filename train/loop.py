@@ -5,7 +5,6 @@ donated state; the task supplies the model, the data and the loss. Resuming is a
 workdir with checkpoints continues from the latest one, data position included.
 """
 import functools
-import json
 import os
 import signal
 import time
@@ -102,23 +101,6 @@ def evaluate(eval_step, state, eval_rows, config, batch_shard):
     return metrics_lib.summarize(jax.device_get(totals))
 
 
-def check_resume_config(config, workdir):
-    """Refuses to resume a run folder whose saved model/data config differs from this one."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        return
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
-    current = json.loads(config.to_json())
-    diffs = [f"{section}.{k}: saved {saved.get(section, {}).get(k)!r} vs now {v!r}"
-             for section in ("model", "data") for k, v in current[section].items()
-             if section in saved and saved[section].get(k) != v]
-    if diffs:
-        raise checkpoint.CheckpointMismatchError(
-            f"{workdir} holds a run with a different config ({'; '.join(diffs[:4])}). "
-            "Use a new --workdir, or rerun with the saved values; nothing was overwritten.")
-
-
 def _train_metrics(step_sums, steps_per_sec, tokens_per_step, step_seconds_at_peak):
     """Means over the logged steps (exact: sums / counts), last norms and rate, throughput, MFU."""
     summed = {k: sum(m[k] for m in step_sums) for k in ("loss_sum", "weight_sum", "correct_sum")}
@@ -130,25 +112,10 @@ def _train_metrics(step_sums, steps_per_sec, tokens_per_step, step_seconds_at_pe
     return out
 
 
-def _last_wall_time(workdir):
-    """Wall time already spent by earlier runs in this workdir (0 for a new run)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0.0
-    last = 0.0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                last = max(last, float(json.loads(line).get("wall_time", 0.0)))
-            except (ValueError, AttributeError):
-                continue
-    return last
-
-
 def train_and_evaluate(config, workdir: str, task) -> dict:
     """Trains `task` as configured; returns the final eval metrics."""
     os.makedirs(workdir, exist_ok=True)
-    check_resume_config(config, workdir)
+    checkpoint.check_resume_config(config, workdir)
     data = task.prepare_data(config, workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -197,7 +164,7 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
               f"{'resuming at step ' + str(first_step) if first_step else 'new run'}")
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
-    wall0, pending, timer = _last_wall_time(workdir), [], metrics_lib.Throughput()
+    wall0, pending, timer = metrics_lib.last_wall_time(workdir), [], metrics_lib.Throughput()
     run_start, final = time.time(), {}
     step = first_step
     try:

@@ -63,6 +63,21 @@ def summarize(sums: dict) -> dict:
     return out
 
 
+def last_wall_time(workdir):
+    """Wall time already spent by earlier runs in this workdir (0 for a new run)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0.0
+    last = 0.0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                last = max(last, float(json.loads(line).get("wall_time", 0.0)))
+            except (ValueError, AttributeError):
+                continue
+    return last
+
+
 class MetricWriter:
     """Appends metric dicts to metrics.jsonl and TensorBoard (only on process 0)."""
 
