@@ -162,3 +162,9 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(corpus_file, tmp_path)
     train_steps = [r["step"] for r in records if r["split"] == "train"]
     assert train_steps[-3:] == [saved[0] + 1, saved[0] + 2, saved[0] + 3]
     assert train_steps == sorted(set(train_steps))  # no step trained twice
+
+
+def test_impossible_mesh_is_refused_before_any_work(tmp_path, corpus_file):
+    proc = train(tmp_path / "run", corpus_file, "--config.mesh.fsdp=3", check=False)
+    _assert_clear_error(proc, "config.mesh", "devices")
+    assert not (tmp_path / "run" / "tokenizer.model").exists()

@@ -14,7 +14,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from data import lm as lm_data
@@ -116,12 +115,12 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
     """Trains `task` as configured; returns the final eval metrics."""
     os.makedirs(workdir, exist_ok=True)
     checkpoint.check_resume_config(config, workdir)
+    mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config)
     data = task.prepare_data(config, workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json(indent=2))
 
-    mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config)
     model = task.build_model(config)
     tx, schedule = optim.make_optimizer(config.opt, config.num_train_steps, config.model.d_model)
     abstract, state_shardings, init_fn = create_state_fns(task, config, model, tx, mesh, rules)

@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data.errors import DataError
-from train import checkpoint, loop
+from train import checkpoint, loop, sharding
 from train.tasks import lm
 
 TASKS = {"lm": lm}
@@ -46,7 +46,7 @@ def main(argv):
         sys.exit(f"error: unknown config.task {config.task!r}; known tasks: {sorted(TASKS)}")
     try:
         loop.train_and_evaluate(config, flags.FLAGS.workdir, TASKS[config.task])
-    except (DataError, checkpoint.CheckpointMismatchError) as e:
+    except (DataError, checkpoint.CheckpointMismatchError, sharding.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

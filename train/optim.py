@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from train import sharding
+
 
 def noam_schedule(d_model: int, warmup_steps: int, scale: float = 1.0):
     """The paper's schedule; `scale` multiplies it (1.0 reproduces the paper)."""
@@ -33,7 +35,7 @@ def make_schedule(opt, num_train_steps: int, d_model: int = 0):
         return optax.join_schedules(
             [optax.linear_schedule(0.0, lr, warmup),
              optax.linear_schedule(lr, end_lr, decay_steps)], [warmup])
-    raise ValueError(f"unknown config.opt.schedule {opt.schedule!r}; "
+    raise sharding.ConfigError(f"unknown config.opt.schedule {opt.schedule!r}; "
                      "use cosine, linear, constant or noam")
 
 

@@ -13,6 +13,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+
+class ConfigError(ValueError):
+    """A config value that cannot work (reported to the user in one line)."""
+
 # Logical name -> mesh axes. `embed` on fsdp shards every weight matrix along d_model when
 # fsdp > 1 and is a no-op when fsdp == 1.
 DEFAULT_RULES = (
@@ -32,15 +36,15 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError("at most one mesh axis may be -1 (config.mesh)")
+        raise ConfigError("at most one mesh axis may be -1 (config.mesh)")
     fixed = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % fixed:
-            raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} does not divide "
+            raise ConfigError(f"config.mesh {dict(zip(MESH_AXES, sizes))} does not divide "
                              f"{len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // fixed
     if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {np.prod(sizes)} "
+        raise ConfigError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {np.prod(sizes)} "
                          f"devices but {len(devices)} are visible; set one axis to -1")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 

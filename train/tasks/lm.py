@@ -11,6 +11,7 @@ import optax
 
 from data import lm as lm_data
 from data import sources, tokenizer as tok
+from data.errors import DataError
 from models import gpt
 
 
@@ -36,15 +37,16 @@ def prepare_data(config, workdir) -> dict:
     """Reads the corpus, trains/loads the tokenizer and packs train and eval rows."""
     d = config.data
     if d.max_len > config.model.max_len:
-        raise ValueError(f"config.data.max_len={d.max_len} exceeds the model context "
-                         f"config.model.max_len={config.model.max_len}; lower one or raise the other")
+        raise DataError(f"config.data.max_len={d.max_len} exceeds the model context "
+                        f"config.model.max_len={config.model.max_len}; lower one or raise "
+                        "the other")
     train_docs, eval_docs = sources.load_corpus(
         d.source, text_field=d.text_field, bible_version=d.bible_version,
         eval_fraction=d.eval_fraction, cache_dir=d.cache_dir or None)
     tokenizer = load_or_train_tokenizer(config, workdir, train_docs)
     if tokenizer.vocab_size > config.model.vocab_size:
-        raise ValueError(f"tokenizer in {workdir} has {tokenizer.vocab_size} pieces but "
-                         f"config.model.vocab_size={config.model.vocab_size}; use a new workdir")
+        raise DataError(f"tokenizer in {workdir} has {tokenizer.vocab_size} pieces but "
+                        f"config.model.vocab_size={config.model.vocab_size}; use a new workdir")
     train_tokens, train_doc_ids = lm_data.tokenize_documents(train_docs, tokenizer)
     eval_tokens, eval_doc_ids = lm_data.tokenize_documents(eval_docs, tokenizer)
     eval_rows = lm_data.pack_rows(eval_tokens, eval_doc_ids, d.max_len)
