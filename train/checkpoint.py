@@ -19,11 +19,12 @@ class CheckpointMismatchError(ValueError):
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` with 'state' and 'data' items."""
 
-    def __init__(self, workdir: str, *, save_every_steps: int, keep: int, async_save=True):
+    def __init__(self, workdir: str, *, save_every_steps: int = 1, keep: int = 1,
+                 async_save=True, read_only=False):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every_steps, max_to_keep=keep,
-            enable_async_checkpointing=async_save)
+            enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),

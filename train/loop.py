@@ -213,7 +213,7 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
 
 def restore_params(config, workdir: str, task):
     """(params, step) of the latest checkpoint in `workdir`, on the local devices."""
-    ckpt = checkpoint.Checkpointer(workdir, save_every_steps=1, keep=1, async_save=False)
+    ckpt = checkpoint.Checkpointer(workdir, async_save=False, read_only=True)
     if ckpt.latest_step() is None:
         raise checkpoint.CheckpointMismatchError(
             f"no checkpoint in {ckpt.directory}; train first with "
