@@ -94,10 +94,17 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
     return 6.0 * config.num_layers * per_layer + 12.0 * config.num_layers * d * seq_len
 
 
-def init_cache(model: GPT, batch_size: int):
-    """Zeroed KV cache for `batch_size` sequences of up to `config.max_len` tokens."""
+def init_cache(model: GPT, batch_size: int, length: int = 0):
+    """Zeroed KV cache for `batch_size` sequences of up to `length` tokens (0: the context).
+
+    Each decoding step attends over the whole cache (masked past the write head), so a cache
+    no longer than prompt + new tokens saves memory traffic on every step.
+    """
+    length = length or model.config.max_len
+    if length > model.config.max_len:
+        raise ValueError(f"a cache of {length} tokens exceeds the context {model.config.max_len}")
     shapes = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((batch_size, model.config.max_len), jnp.int32)))
+        jax.random.key(0), jnp.zeros((batch_size, length), jnp.int32)))
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
@@ -112,6 +119,6 @@ def generate(decode_model: GPT, params, prompt_BP, rng, *, max_new_tokens, tempe
                                                    tokens_BL, mutable=["cache"])
         return logits_BLV, variables["cache"]
 
-    return decoding.sample(logits_fn, init_cache(decode_model, prompt_BP.shape[0]), prompt_BP,
-                           rng, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_k=top_k, top_p=top_p, eos_id=eos_id)
+    cache = init_cache(decode_model, prompt_BP.shape[0], prompt_BP.shape[1] + max_new_tokens)
+    return decoding.sample(logits_fn, cache, prompt_BP, rng, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)

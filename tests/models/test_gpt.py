@@ -65,12 +65,12 @@ def test_packed_documents_never_see_each_other(params, forward):
     np.testing.assert_allclose(other[0, 5:], packed[0, 5:], atol=1e-6)
 
 
-@pytest.mark.parametrize("prefill", [1, 6])
-def test_kv_cache_decoding_equals_full_forward(params, forward, prefill):
+@pytest.mark.parametrize("prefill,cache_len", [(1, 0), (6, 0), (6, 14)])
+def test_kv_cache_decoding_equals_full_forward(params, forward, prefill, cache_len):
     tokens = jax.random.randint(jax.random.key(3), (2, 14), 0, 61)
     full = forward(params, tokens)
     decoder = gpt.GPT(dataclasses.replace(SMALL, decode=True))
-    cache = gpt.init_cache(decoder, 2)
+    cache = gpt.init_cache(decoder, 2, cache_len)  # 0: the whole context (24)
     step = jax.jit(lambda p, c, t: decoder.apply({"params": p, "cache": c}, t, mutable=["cache"]))
     logits, variables = step(params, cache, tokens[:, :prefill])
     pieces = [logits]
