@@ -91,9 +91,7 @@ def bench_generation(config, batch_size, **sampling):
 def main(argv):
     del argv
     config = FLAGS.config
-    peak, source = metrics_lib.peak_flops_per_device()
-    if jax.devices()[0].platform != "cpu":
-        peak *= jax.device_count()
+    peak, source = metrics_lib.peak_flops()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} | peak "
           f"{peak / 1e9:.1f} GFLOP/s ({source})")
     tps, mfu, compile_s = bench_training(config, peak)

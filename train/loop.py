@@ -151,9 +151,7 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
          batch_shard, dropout_rng, num_params):
     """The step loop: train, log, evaluate, checkpoint; saves on SIGTERM and at the end."""
     first_step = int(jax.device_get(state.step))
-    peak, peak_source = metrics_lib.peak_flops_per_device()
-    if jax.devices()[0].platform != "cpu":
-        peak *= jax.device_count()  # the CPU matmul already used every core
+    peak, peak_source = metrics_lib.peak_flops()
     tokens_per_step = config.batch_size * config.data.max_len
     flops_per_step = task.flops_per_token(config) * tokens_per_step
     writer, bar = metrics_lib.MetricWriter(workdir), metrics_lib.ProgressBar(

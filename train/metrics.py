@@ -37,15 +37,20 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 20) -> float:
     return 2.0 * n ** 3 / best
 
 
-def peak_flops_per_device() -> tuple[float, str]:
-    """(peak FLOP/s of one device, how it was obtained)."""
+def peak_flops() -> tuple[float, str]:
+    """(peak FLOP/s of all devices together, how it was obtained), the denominator of MFU.
+
+    On CPU the matmul is measured once and already uses every core, however many fake devices
+    XLA was told to create; accelerators are one chip's peak times the device count.
+    """
     device = jax.devices()[0]
     if device.platform == "cpu":
         return measure_matmul_flops(), "measured fp32 matmul"
     for kind, flops in PEAK_FLOPS.items():
         if device.device_kind.startswith(kind):
-            return flops, f"{kind} bf16 data sheet"
-    return measure_matmul_flops(4096), f"measured fp32 matmul ({device.device_kind} not in table)"
+            return flops * jax.device_count(), f"{kind} bf16 data sheet"
+    return (measure_matmul_flops(4096) * jax.device_count(),
+            f"measured fp32 matmul ({device.device_kind} not in table)")
 
 
 def summarize(sums: dict) -> dict:
