@@ -5,6 +5,7 @@ reserved for BERT (Devlin et al. 2018, section 3) as user-defined symbols, so ev
 them at the same ids whether or not the run uses them.
 """
 
+import bisect
 import io
 import os
 import pathlib
@@ -62,6 +63,37 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of text, without BOS or EOS."""
         return self._sp.encode(text, out_type=int)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int], list[int]]:
+        """(ids, char_starts, char_ends): piece i covers text[char_starts[i]:char_ends[i]]."""
+        # sentencepiece reports UTF-8 *byte* offsets; span-QA needs str indices. starts[c] is
+        # the byte offset where character c begins, with the total byte length appended, so a
+        # byte offset b on a character boundary is character bisect_left(starts, b).
+        starts = [0]
+        for char in text:
+            starts.append(starts[-1] + len(char.encode("utf-8")))
+        ids, char_starts, char_ends = [], [], []
+        for piece in self._sp.encode(text, out_type="proto").pieces:
+            if self._sp.is_byte(piece.id):
+                # A character outside the vocabulary becomes one piece per UTF-8 byte. The
+                # leading bytes get an empty span at the character's first byte and the last
+                # byte the whole character; all of them get the character, so an answer that
+                # contains the character covers every one of its byte pieces.
+                begin = bisect.bisect_right(starts, piece.begin) - 1
+                end = begin + 1
+            else:
+                begin = bisect.bisect_left(starts, piece.begin)
+                end = bisect.bisect_left(starts, piece.end)
+                # The "▁" of a word-initial piece stands for the space before the word; the span
+                # starts at the word so an answer span never starts with a space. A lone "▁"
+                # (before a word with no "▁"-piece for its start, or the dummy prefix at the
+                # very start, which covers no input at all) is left with an empty span.
+                while begin < end and text[begin] == " ":
+                    begin += 1
+            ids.append(piece.id)
+            char_starts.append(begin)
+            char_ends.append(end)
+        return ids, char_starts, char_ends
 
     def decode(self, ids) -> str:
         """Text of ids, skipping pad, bos, eos and ids outside the vocabulary (model padding)."""

@@ -2,12 +2,14 @@
 
   python -m experiments.bench --config=experiments/gpt.py:bench_small
   python -m experiments.bench --config=experiments/gpt.py:bench_124m --generate=False
+  python -m experiments.bench --config=experiments/bert.py:bert_bench_mini
 
-Training: the real jitted train_step (AdamW, clipping, donated state) on random tokens, timed
+Training: the real jitted train_step (AdamW, clipping, donated state) of the config's task on a
+random batch of the task's shapes (task.bench_batch; for BERT, 15% of positions masked), timed
 over --steps after --warmup steps. MFU counts non-embedding + attention FLOPs (LM head
 excluded, as for the baselines in README) over the peak of train/metrics.py: a measured fp32
-matmul on CPU, the data-sheet bf16 peak on GPU/TPU. Generation: a 32-token prompt continued by
-128 tokens with the KV cache, batch 1 and 8, the whole loop in one jitted scan.
+matmul on CPU, the data-sheet bf16 peak on GPU/TPU. Generation (GPT configs): a 32-token prompt
+continued by 128 tokens with the KV cache, batch 1 and 8, the whole loop in one jitted scan.
 """
 import functools
 import time
@@ -15,12 +17,11 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from models import gpt
-from train import loop, metrics as metrics_lib, optim, sharding
+from train import loop, metrics as metrics_lib, optim, sharding, tasks
 from train.tasks import lm
 
 config_flags.DEFINE_config_file("config", None, "Experiment file with a bench preset.",
@@ -45,20 +46,17 @@ def _timed(fn, repeats):
 
 def bench_training(config, peak):
     """Returns (tokens/s, MFU, compile seconds)."""
+    task = tasks.get(config.task)
     mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config)
-    model = lm.build_model(config)
+    model = task.build_model(config)
     tx, schedule = optim.make_optimizer(config.opt, 10_000, config.model.d_model)
-    _, state_sh, init_fn = loop.create_state_fns(lm, config, model, tx, mesh, rules)
+    _, state_sh, init_fn = loop.create_state_fns(task, config, model, tx, mesh, rules)
     batch_sh = sharding.batch_sharding(mesh, rules)
-    shape = (config.batch_size, config.data.max_len)
-    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, shape + (1,))
-    batch = {"inputs": tokens[..., 0].astype(np.int32), "targets": tokens[..., 0].astype(np.int32),
-             "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape),
-             "segment_ids": np.ones(shape, np.int32), "weights": np.ones(shape, np.float32)}
+    batch = task.bench_batch(config)
     with jax.set_mesh(mesh):
         state = init_fn(jax.random.key(0))
         batch = sharding.global_batch(batch, batch_sh)
-        train_step = loop.jit_train_step(lm, config, model, tx, schedule, state_sh, batch_sh)
+        train_step = loop.jit_train_step(task, config, model, tx, schedule, state_sh, batch_sh)
         rng = jax.random.key(1)
         t0 = time.perf_counter()
         compiled = train_step.lower(state, batch, rng).compile()
@@ -72,7 +70,7 @@ def bench_training(config, peak):
         jax.block_until_ready(m)
         seconds = (time.perf_counter() - t0) / FLAGS.steps
     tps = config.batch_size * config.data.max_len / seconds
-    return tps, lm.flops_per_token(config) * tps / peak, compile_s
+    return tps, task.flops_per_token(config) * tps / peak, compile_s
 
 
 def bench_generation(config, batch_size, **sampling):
@@ -97,7 +95,7 @@ def main(argv):
     tps, mfu, compile_s = bench_training(config, peak)
     print(f"train: {tps:,.0f} tokens/s | MFU {100 * mfu:.1f}% | compile {compile_s:.1f}s | "
           f"batch {config.batch_size} x seq {config.data.max_len}")
-    if FLAGS.generate:
+    if FLAGS.generate and config.task == "lm":
         for name, sampling in (("greedy", dict(temperature=0.0)),
                                ("top-k 40", dict(temperature=1.0, top_k=40))):
             rates = [bench_generation(config, b, **sampling) for b in (1, 8)]

@@ -6,7 +6,9 @@ Not part of requirements.txt; run it from a separate environment:
 
 Times GPT2LMHeadModel (AdamW, forward + backward + step, random tokens) at the bench presets'
 shapes, and `generate` with its KV cache (32-token prompt, 128 new tokens, greedy) at batch 1
-and 8, printing the same lines as experiments/bench.py.
+and 8, printing the same lines as experiments/bench.py. The bert_bench_* presets time
+BertForPreTraining (masked-LM labels on 20 positions a row + next-sentence labels), dropout off
+as in experiments/bert.py.
 """
 import argparse
 import time
@@ -17,6 +19,8 @@ import transformers
 PRESETS = {  # name: (vocab, layers, d_model, heads, seq, batch), as in experiments/gpt.py
     "bench_small": (8192, 4, 256, 4, 256, 16),
     "bench_124m": (50257, 12, 768, 12, 256, 4),
+    "bert_bench_mini": (8192, 4, 256, 4, 128, 32),
+    "bert_bench_base": (30522, 12, 768, 12, 128, 8),
 }
 
 
@@ -28,6 +32,8 @@ def main():
     parser.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     vocab, layers, d_model, heads, seq, batch = PRESETS[args.preset]
+    if args.preset.startswith("bert"):
+        return bench_bert(args, vocab, layers, d_model, heads, seq, batch)
     config = transformers.GPT2Config(vocab_size=vocab, n_positions=max(seq, 160), n_embd=d_model,
                                      n_layer=layers, n_head=heads, resid_pdrop=0.0,
                                      embd_pdrop=0.0, attn_pdrop=0.0)
@@ -68,6 +74,38 @@ def main():
         rates.append(b * 128 / best)
     print(f"generate (greedy, 32-token prompt, 128 new): batch 1: {rates[0]:,.0f} | "
           f"batch 8: {rates[1]:,.0f} new tokens/s")
+
+
+def bench_bert(args, vocab, layers, d_model, heads, seq, batch):
+    config = transformers.BertConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=layers,
+                                     num_attention_heads=heads, intermediate_size=4 * d_model,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.BertForPreTraining(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step_model = torch.compile(model) if args.compile else model
+    tokens = torch.randint(7, vocab, (batch, seq))
+    types = (torch.arange(seq) >= seq // 2).long().expand(batch, seq)
+    labels = torch.full((batch, seq), -100)
+    for row in range(batch):
+        picked = torch.randperm(seq - 1)[:20] + 1
+        labels[row, picked] = torch.randint(7, vocab, (20,))
+    nsp = torch.randint(0, 2, (batch,))
+
+    def step():
+        loss = step_model(input_ids=tokens, token_type_ids=types, labels=labels,
+                          next_sentence_label=nsp).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = (time.perf_counter() - start) / args.steps
+    print(f"train: {batch * seq / seconds:,.0f} tokens/s | torch {torch.__version__} "
+          f"{'compiled' if args.compile else 'eager'} | batch {batch} x seq {seq}")
 
 
 if __name__ == "__main__":

@@ -8,19 +8,16 @@ Temperature 0 is greedy decoding. --show_probs=N prints the N most likely next t
 prompt with their probabilities, p(token | prompt), before sampling.
 """
 import functools
-import json
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from absl import app, flags, logging
 
 from data import tokenizer as tok
 from data.errors import DataError
 from models import gpt
-from train import checkpoint, loop
+from train import checkpoint, tasks
 from train.tasks import lm
 
 flags.DEFINE_string("workdir", None, "A trained run folder.", required=True)
@@ -33,19 +30,6 @@ flags.DEFINE_integer("num_samples", 1, "Samples drawn in parallel.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("show_probs", 0, "Print the N most likely next tokens after the prompt.")
 FLAGS = flags.FLAGS
-
-
-def load_run(workdir):
-    """(config, tokenizer, params) of a run folder."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise DataError(f"{workdir} is not a run folder (no config.json); train one with "
-                        "python -m train.main --config=experiments/gpt.py:tiny --workdir=...")
-    with open(path, encoding="utf-8") as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    tokenizer = tok.load_tokenizer(os.path.join(workdir, "tokenizer.model"))
-    params, _ = loop.restore_params(config, workdir, lm)
-    return config, tokenizer, params
 
 
 def encode_prompt(prompt: str, tokenizer, max_len: int) -> list[int]:
@@ -83,9 +67,9 @@ def generate(config, params, ids, *, num_samples, max_new_tokens, temperature, t
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only opens
     try:
-        config, tokenizer, params = load_run(FLAGS.workdir)
+        config, tokenizer, params, _ = tasks.load_run(FLAGS.workdir, families=("gpt",))
         ids = encode_prompt(FLAGS.prompt, tokenizer, config.model.max_len)
     except (DataError, checkpoint.CheckpointMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -192,17 +192,22 @@ class MultiHeadAttention(nn.Module):
                                    heads_first_kv=True)
 
 
+# GPT-2 used the tanh approximation of GELU; BERT's released code the exact erf form.
+ACTIVATIONS = {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=True),
+               "gelu_exact": lambda x: nn.gelu(x, approximate=False)}
+
+
 class FeedForward(nn.Module):
     """FFN(x) = act(x W_1 + b_1) W_2 + b_2, applied at each position (sec. 3.3)."""
     d_ff: int
-    activation: str = "gelu"  # "relu" in the original Transformer, "gelu" in BERT and GPT
+    activation: str = "gelu"  # "relu": the Transformer; "gelu": GPT-2; "gelu_exact": BERT
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x_BLD, deterministic=True):
-        act = {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=True)}[self.activation]
+        act = ACTIVATIONS[self.activation]
         h_BLF = nn.Dense(
             self.d_ff, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=partitioned(nn.initializers.normal(0.02), (EMBED, MLP)),
@@ -273,6 +278,7 @@ class SelfAttentionBlock(nn.Module):
     attention_dropout_rate: float = 0.0
     implementation: str = "fast"
     decode: bool = False
+    ln_epsilon: float = 1e-5  # BERT used 1e-12
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -286,7 +292,8 @@ class SelfAttentionBlock(nn.Module):
                                   name="attn", **kw)
         mlp = FeedForward(self.d_ff, self.activation, self.dropout_rate, name="mlp", **kw)
         drop = nn.Dropout(self.dropout_rate)
-        ln_1, ln_2 = layer_norm("ln_1", **kw), layer_norm("ln_2", **kw)
+        ln_1 = layer_norm("ln_1", epsilon=self.ln_epsilon, **kw)
+        ln_2 = layer_norm("ln_2", epsilon=self.ln_epsilon, **kw)
 
         def attend(h):
             return attn(h, segment_ids_BL=segment_ids_BL, causal=self.causal,

@@ -86,7 +86,8 @@ def create_state_fns(task, config, model, tx, mesh, rules):
     return abstract, shardings, init_fn
 
 
-def evaluate(eval_step, state, eval_rows, config, batch_shard):
+def evaluate(eval_step, state, eval_rows, config, batch_shard,
+             summarize=metrics_lib.summarize):
     """Sums the task's metrics over the eval split (at most config.num_eval_steps batches)."""
     it = lm_data.make_iterator(eval_rows, config.eval_batch_size, seed=0, shuffle=False,
                                repeat=False, process_index=jax.process_index(),
@@ -97,14 +98,18 @@ def evaluate(eval_step, state, eval_rows, config, batch_shard):
             break
         sums = eval_step(state.params, sharding.global_batch(batch, batch_shard))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    return metrics_lib.summarize(jax.device_get(totals))
+    return summarize(jax.device_get(totals))
 
 
-def _train_metrics(step_sums, steps_per_sec, tokens_per_step, step_seconds_at_peak):
+_LAST_VALUE_METRICS = ("grad_norm", "param_norm", "learning_rate")
+
+
+def _train_metrics(step_sums, summarize, steps_per_sec, tokens_per_step, step_seconds_at_peak):
     """Means over the logged steps (exact: sums / counts), last norms and rate, throughput, MFU."""
-    summed = {k: sum(m[k] for m in step_sums) for k in ("loss_sum", "weight_sum", "correct_sum")}
-    summed.update({k: step_sums[-1][k] for k in ("grad_norm", "param_norm", "learning_rate")})
-    out = metrics_lib.summarize(summed)
+    summed = {k: sum(m[k] for m in step_sums) for k in step_sums[0]
+              if k not in _LAST_VALUE_METRICS}
+    summed.update({k: step_sums[-1][k] for k in _LAST_VALUE_METRICS})
+    out = summarize(summed)
     if steps_per_sec is not None:
         out["tokens_per_sec"] = steps_per_sec * tokens_per_step
         out["mfu"] = steps_per_sec * step_seconds_at_peak  # model FLOP/s over peak FLOP/s
@@ -133,16 +138,22 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
         data["train_rows"], config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
     rng = jax.random.key(config.seed)
+    resuming = ckpt.latest_step() is not None
+    # Fine-tuning starts from a pretrained encoder (placed on this mesh) and fresh heads.
+    pretrained = (task.load_pretrained(config, state_shardings.params)
+                  if config.get("init_from") and not resuming else {})
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        if ckpt.latest_step() is not None:
+        if resuming:
             state, data_state = ckpt.restore(abstract)
             train_iter.set_state(data_state)
         else:
             state = init_fn(jax.random.fold_in(rng, 0))
+            state = state.replace(params={**state.params, **pretrained})
         train_step = jit_train_step(task, config, model, tx, schedule, state_shardings,
                                     batch_shard)
         eval_step = jax.jit(lambda p, b: task.loss_fn(p, b, None, model=model, train=False)[1],
-                            in_shardings=(state_shardings.params, batch_shard), out_shardings=repl)
+                            in_shardings=(state_shardings.params, batch_shard),
+                            out_shardings=repl)
         return _run(config, workdir, task, data, state, train_iter, train_step, eval_step, ckpt,
                     batch_shard, jax.random.fold_in(rng, 1), num_params)
 
@@ -151,6 +162,7 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
          batch_shard, dropout_rng, num_params):
     """The step loop: train, log, evaluate, checkpoint; saves on SIGTERM and at the end."""
     first_step = int(jax.device_get(state.step))
+    summarize = getattr(task, "summarize", metrics_lib.summarize)
     peak, peak_source = metrics_lib.peak_flops()
     tokens_per_step = config.batch_size * config.data.max_len
     flops_per_step = task.flops_per_token(config) * tokens_per_step
@@ -176,8 +188,9 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
             else:
                 timer.tick()
             if step % config.log_every_steps == 0 or step == config.num_train_steps:
-                train_metrics = _train_metrics(jax.device_get(pending), timer.steps_per_sec(),
-                                               tokens_per_step, flops_per_step / peak)
+                train_metrics = _train_metrics(jax.device_get(pending), summarize,
+                                               timer.steps_per_sec(), tokens_per_step,
+                                               flops_per_step / peak)
                 timer.restart()
                 train_metrics.update(wall_time=wall0 + time.time() - run_start,
                                      tokens=step * tokens_per_step)
@@ -186,11 +199,14 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
                               tok_s=train_metrics.get("tokens_per_sec", 0.0))
                 pending = []
             if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-                final = evaluate(eval_step, state, data["eval_rows"], config, batch_shard)
+                final = evaluate(eval_step, state, data["eval_rows"], config, batch_shard,
+                                 summarize)
+                if hasattr(task, "evaluate_predictions"):  # e.g. SQuAD EM/F1 over answers
+                    final.update(task.evaluate_predictions(state.params, data, config, workdir))
                 final["wall_time"] = wall0 + time.time() - run_start
                 writer.write(step, "eval", final)
-                bar.write(f"step {step}: eval loss {final['loss']:.4f} "
-                          f"ppl {final['perplexity']:.2f} acc {final['accuracy']:.3f}")
+                bar.write(f"step {step}: eval " + " ".join(
+                    f"{k} {v:.4g}" for k, v in final.items() if k != "wall_time"))
                 timer.restart()
             if step == config.get("stop_at_step", 0):
                 stop["signal"] = True  # a preemption drill: same path as SIGTERM
@@ -198,9 +214,8 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
                       force=step == config.num_train_steps or stop["signal"])
         if stop["signal"]:
             bar.write(f"stopped early: saved a checkpoint at step {step}; rerun to resume")
-        elif final and "unigram_eval_loss" in data["info"]:
-            bar.write(f"final eval loss {final['loss']:.4f} (perplexity {final['perplexity']:.1f})"
-                      f" vs unigram baseline {data['info']['unigram_eval_loss']:.4f}")
+        elif final and hasattr(task, "final_report"):
+            bar.write(task.final_report(final, data["info"]))
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         ckpt.close()

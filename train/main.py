@@ -12,10 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data.errors import DataError
-from train import checkpoint, loop, sharding
-from train.tasks import lm
-
-TASKS = {"lm": lm}
+from train import checkpoint, loop, sharding, tasks
 
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, tokenizer.")
 config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/gpt.py:tiny",
@@ -42,10 +39,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
     config = flags.FLAGS.config
-    if config.task not in TASKS:
-        sys.exit(f"error: unknown config.task {config.task!r}; known tasks: {sorted(TASKS)}")
     try:
-        loop.train_and_evaluate(config, flags.FLAGS.workdir, TASKS[config.task])
+        loop.train_and_evaluate(config, flags.FLAGS.workdir, tasks.get(config.task))
     except (DataError, checkpoint.CheckpointMismatchError, sharding.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -61,8 +61,8 @@ def logical_shardings(abstract_tree, mesh, rules):
 
 
 def batch_sharding(mesh, rules) -> NamedSharding:
-    """Sharding of B,L batch arrays: rows split over the axes the rules give `batch`."""
-    spec = nn.logical_to_mesh_axes(("batch", None), rules)
+    """Sharding of batch arrays of any rank: rows split over the axes the rules give `batch`."""
+    spec = nn.logical_to_mesh_axes(("batch",), rules)
     return NamedSharding(mesh, spec)
 
 

@@ -1,0 +1,48 @@
+"""Training objectives, one module each; `get(config.task)` picks one.
+
+A task module gives the loop build_model, prepare_data, loss_fn (a loss *sum* and metric sums),
+init_params, flops_per_token and bench_batch; optionally summarize, final_report,
+load_pretrained (fine-tuning) and evaluate_predictions (metrics that need whole predictions).
+Modules are imported on demand so one task's dependencies never load for another.
+"""
+import importlib
+
+NAMES = ("lm", "mlm_nsp", "classify", "span_qa")
+
+
+def get(name: str):
+    """The task module called `name`."""
+    if name not in NAMES:
+        from train.sharding import ConfigError
+        raise ConfigError(f"unknown config.task {name!r}; known tasks: {list(NAMES)}")
+    return importlib.import_module(f"train.tasks.{name}")
+
+
+def load_run(workdir: str, families=None):
+    """(config, tokenizer, params, task) of a trained run folder, restored read-only.
+
+    `families` (e.g. ("bert",)) refuses runs of another model family with a clear error.
+    """
+    import json
+    import os
+
+    import ml_collections
+
+    from data import tokenizer as tok
+    from data.errors import DataError
+    from train import loop
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise DataError(f"{workdir} is not a run folder (no config.json); train one first with "
+                        "python -m train.main --config=experiments/<file>.py:tiny --workdir=...")
+    with open(path, encoding="utf-8") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    family = config.model.get("family", "gpt")
+    if families and family not in families:
+        raise DataError(f"{workdir} holds a {family} run; this tool needs a "
+                        f"{' or '.join(families)} run folder")
+    tokenizer = tok.load_tokenizer(os.path.join(workdir, "tokenizer.model"))
+    task = get(config.task)
+    params, _ = loop.restore_params(config, workdir, task)
+    return config, tokenizer, params, task

@@ -6,7 +6,9 @@ the translation task plug in the same way.
 """
 import os
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from data import lm as lm_data
@@ -75,12 +77,29 @@ def loss_fn(params, batch, rng, *, model, train):
                       "correct_sum": jnp.sum(correct_BL)}
 
 
+def final_report(final: dict, info: dict) -> str:
+    """The closing line of a run: eval loss against the unigram bar."""
+    return (f"final eval loss {final['loss']:.4f} (perplexity {final['perplexity']:.1f}) "
+            f"vs unigram baseline {info['unigram_eval_loss']:.4f}")
+
+
 def init_batch(config, batch_size):
     """A dummy batch with the shapes of a real one, for initialisation."""
     shape = (batch_size, config.data.max_len)
     zeros = jnp.zeros(shape, jnp.int32)
     return {"inputs": zeros, "targets": zeros, "positions": zeros,
             "segment_ids": jnp.ones(shape, jnp.int32), "weights": jnp.ones(shape, jnp.float32)}
+
+
+def bench_batch(config):
+    """Random full rows, one document each (experiments/bench)."""
+    batch = jax.tree.map(np.asarray, init_batch(config, config.batch_size))
+    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size,
+                                               batch["inputs"].shape, dtype=np.int32)
+    batch.update(inputs=tokens, targets=tokens,
+                 positions=np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32),
+                                           tokens.shape))
+    return batch
 
 
 def init_params(model, config, rng):

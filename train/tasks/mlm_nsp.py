@@ -1,0 +1,198 @@
+"""BERT pretraining: masked-LM + next-sentence prediction (Devlin et al. 2018, sec. 3.1).
+
+loss = mean MLM cross-entropy over the masked positions + mean NSP cross-entropy over the
+rows, as in the paper's reference code. The loop divides gradients by `weight_sum` (here the
+number of masked tokens), so the NSP sum is scaled by masked tokens per row to give exactly the
+sum of the two means. Also here: restoring a pretrained encoder for fine-tuning
+(`load_pretrained`), used by the classification and span-QA tasks.
+"""
+import json
+import os
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from data import bert_pretrain, sources
+from data import lm as lm_data
+from data.errors import DataError
+from models import bert
+from train import checkpoint, loop
+from train.tasks import lm
+
+# The encoder's shape: a fine-tuning config must agree with its pretraining run on these.
+ENCODER_KEYS = ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "d_ff",
+                "type_vocab_size")
+
+
+def build_model(config, **overrides) -> bert.Bert:
+    return bert.Bert(bert.BertConfig.from_config(config.model, **overrides))
+
+
+def flops_per_token(config) -> float:
+    return bert.flops_per_token(bert.BertConfig.from_config(config.model), config.data.max_len)
+
+
+def check_lengths(config):
+    if config.data.max_len > config.model.max_len:
+        raise DataError(f"config.data.max_len={config.data.max_len} exceeds the model's "
+                        f"{config.model.max_len} learned positions; lower one or raise the other")
+
+
+def prepare_data(config, workdir) -> dict:
+    """Sentence-pair rows with static masks, train and held-out eval, and the tokenizer."""
+    d = config.data
+    check_lengths(config)
+    train_docs, eval_docs = sources.load_corpus(
+        d.source, text_field=d.text_field, bible_version=d.bible_version,
+        eval_fraction=d.eval_fraction, cache_dir=d.cache_dir or None)
+    tokenizer = lm.load_or_train_tokenizer(config, workdir, train_docs)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise DataError(f"tokenizer in {workdir} has {tokenizer.vocab_size} pieces but "
+                        f"config.model.vocab_size={config.model.vocab_size}; use a new workdir")
+    kw = dict(max_len=d.max_len, max_predictions=d.max_predictions, mask_prob=d.mask_prob,
+              short_seq_prob=d.short_seq_prob, whole_word=d.whole_word)
+    train_rows = bert_pretrain.build_pretraining_rows(
+        train_docs, tokenizer, seed=config.seed, dupe_factor=d.dupe_factor, **kw)
+    # Eval masks are fixed by their own seed, so every eval (and every run) scores the same
+    # rows; dupe_factor masks the small held-out text several ways for a steadier estimate.
+    eval_rows = bert_pretrain.build_pretraining_rows(eval_docs, tokenizer, seed=12345,
+                                                     dupe_factor=d.dupe_factor, **kw)
+    # The bar to beat for masked tokens: a unigram model of the training text.
+    train_tokens, _ = lm_data.tokenize_documents(train_docs, tokenizer)
+    unigram = lm_data.unigram_cross_entropy(train_tokens, eval_rows["mlm_targets"],
+                                            eval_rows["mlm_weights"], config.model.vocab_size)
+    return {"train_rows": train_rows, "eval_rows": eval_rows, "tokenizer": tokenizer,
+            "info": {"train_rows": len(train_rows["inputs"]),
+                     "eval_rows": len(eval_rows["inputs"]), "unigram_eval_loss": unigram}}
+
+
+def loss_fn(params, batch, rng, *, model, train):
+    """MLM + NSP loss as a sum over masked tokens, plus metric sums."""
+    out = model.apply({"params": params}, batch["inputs"], batch["token_types"],
+                      batch["segment_ids"], batch["mlm_positions"], deterministic=not train,
+                      rngs={"dropout": rng} if train else None)
+    mlm_logits_BPV = out["mlm_logits_BPV"].astype(jnp.float32)
+    mlm_nll_BP = optax.softmax_cross_entropy_with_integer_labels(mlm_logits_BPV,
+                                                                 batch["mlm_targets"])
+    mlm_w_BP = batch["mlm_weights"]
+    mlm_count = jnp.sum(mlm_w_BP)
+    mlm_sum = jnp.sum(mlm_nll_BP * mlm_w_BP)
+
+    nsp_logits_B2 = out["nsp_logits_B2"].astype(jnp.float32)
+    nsp_nll_B = optax.softmax_cross_entropy_with_integer_labels(nsp_logits_B2,
+                                                                batch["nsp_labels"])
+    row_w_B = batch["example_weights"]
+    nsp_count = jnp.sum(row_w_B)
+    nsp_sum = jnp.sum(nsp_nll_B * row_w_B)
+
+    # (mlm_sum + nsp_sum * m / n) / m = mean MLM + mean NSP; m / n is a constant, not a path
+    # for gradients.
+    scale = jax.lax.stop_gradient(mlm_count / jnp.maximum(nsp_count, 1.0))
+    loss_sum = mlm_sum + nsp_sum * scale
+    mlm_correct = (jnp.argmax(mlm_logits_BPV, -1) == batch["mlm_targets"]) * mlm_w_BP
+    nsp_correct = (jnp.argmax(nsp_logits_B2, -1) == batch["nsp_labels"]) * row_w_B
+    return loss_sum, {"loss_sum": loss_sum, "weight_sum": mlm_count, "mlm_loss_sum": mlm_sum,
+                      "mlm_correct_sum": jnp.sum(mlm_correct), "nsp_loss_sum": nsp_sum,
+                      "nsp_correct_sum": jnp.sum(nsp_correct), "nsp_count_sum": nsp_count}
+
+
+def summarize(sums: dict) -> dict:
+    """loss, mlm_loss / perplexity / accuracy, nsp_loss / accuracy from summed metrics."""
+    m = max(float(sums["weight_sum"]), 1e-9)
+    n = max(float(sums["nsp_count_sum"]), 1e-9)
+    out = {"loss": float(sums["loss_sum"]) / m, "mlm_loss": float(sums["mlm_loss_sum"]) / m,
+           "mlm_accuracy": float(sums["mlm_correct_sum"]) / m,
+           "nsp_loss": float(sums["nsp_loss_sum"]) / n,
+           "nsp_accuracy": float(sums["nsp_correct_sum"]) / n}
+    out["mlm_perplexity"] = float(np.exp(min(out["mlm_loss"], 50.0)))
+    out.update({k: float(v) for k, v in sums.items() if not k.endswith("_sum")})
+    return out
+
+
+def final_report(final: dict, info: dict) -> str:
+    return (f"final eval: MLM loss {final['mlm_loss']:.4f} (perplexity "
+            f"{final['mlm_perplexity']:.1f}, accuracy {final['mlm_accuracy']:.3f}) vs unigram "
+            f"{info['unigram_eval_loss']:.4f}; NSP accuracy {final['nsp_accuracy']:.3f} vs 0.5")
+
+
+def init_batch(config, batch_size):
+    shape = (batch_size, config.data.max_len)
+    p = config.data.max_predictions
+    zeros = jnp.zeros(shape, jnp.int32)
+    return {"inputs": zeros, "token_types": zeros, "segment_ids": jnp.ones(shape, jnp.int32),
+            "mlm_positions": jnp.zeros((batch_size, p), jnp.int32),
+            "mlm_targets": jnp.zeros((batch_size, p), jnp.int32),
+            "mlm_weights": jnp.ones((batch_size, p), jnp.float32),
+            "nsp_labels": jnp.zeros((batch_size,), jnp.int32),
+            "example_weights": jnp.ones((batch_size,), jnp.float32)}
+
+
+def init_params(model, config, rng):
+    b = init_batch(config, 1)
+    return model.init(rng, b["inputs"], b["token_types"], b["segment_ids"],
+                      b["mlm_positions"])["params"]
+
+
+def bench_batch(config):
+    """Random full-length rows with max_predictions masked positions each (experiments/bench)."""
+    rng = np.random.default_rng(0)
+    b, length, p = config.batch_size, config.data.max_len, config.data.max_predictions
+    batch = jax.tree.map(np.asarray, init_batch(config, b))
+    batch["inputs"] = rng.integers(7, config.model.vocab_size, (b, length), dtype=np.int32)
+    batch["token_types"] = (np.arange(length) >= length // 2).astype(np.int32) * np.ones(
+        (b, 1), np.int32)
+    batch["mlm_positions"] = np.sort(rng.permuted(np.tile(np.arange(1, length), (b, 1)),
+                                                  axis=1)[:, :p], axis=1).astype(np.int32)
+    batch["mlm_targets"] = rng.integers(7, config.model.vocab_size, (b, p), dtype=np.int32)
+    batch["nsp_labels"] = rng.integers(0, 2, (b,), dtype=np.int32)
+    return batch
+
+
+# ---- fine-tuning from a pretraining run -----------------------------------------------------
+
+def pretraining_config(init_from: str) -> ml_collections.ConfigDict:
+    """The config.json of a pretraining run folder."""
+    path = os.path.join(init_from, "config.json")
+    if not os.path.exists(path):
+        raise DataError(f"--config.init_from={init_from} is not a run folder (no config.json); "
+                        "pretrain first: python -m train.main --config=experiments/bert.py:tiny "
+                        f"--workdir={init_from}")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def copy_tokenizer(config, workdir):
+    """A fine-tuning run uses its pretraining run's tokenizer: copied into the workdir once."""
+    target = os.path.join(workdir, "tokenizer.model")
+    if not os.path.exists(target):
+        source = os.path.join(config.init_from, "tokenizer.model")
+        if not os.path.exists(source):
+            raise DataError(f"{config.init_from} has no tokenizer.model; pretrain into it first")
+        os.makedirs(workdir, exist_ok=True)
+        shutil.copyfile(source, target)
+
+
+def load_pretrained(config, shardings) -> dict:
+    """The encoder parameters of the run in config.init_from, placed as `shardings` says.
+
+    Everything but the pretraining heads is taken (embeddings, layers, pooler); the caller
+    keeps its freshly initialised task heads.
+    """
+    pre_config = pretraining_config(config.init_from)
+    diffs = [f"model.{k}: pretrained {pre_config.model.get(k)!r} vs now {config.model.get(k)!r}"
+             for k in ENCODER_KEYS if pre_config.model.get(k) != config.model.get(k)]
+    if pre_config.model.get("family") != "bert" or diffs:
+        raise checkpoint.CheckpointMismatchError(
+            f"{config.init_from} does not hold a BERT encoder of this shape "
+            f"({'; '.join(diffs) or 'family ' + repr(pre_config.model.get('family'))}). Pass "
+            "the pretraining run's values (e.g. --config.model.d_model=...) or use the "
+            "fine-tuning preset with the same name as the pretraining one.")
+    # The pretraining run is restored read-only on its own terms (its heads included).
+    pretrained, _ = loop.restore_params(pre_config, config.init_from, sys.modules[__name__])
+    encoder = {k: v for k, v in pretrained.items() if k not in bert.PRETRAINING_HEADS}
+    return jax.device_put(encoder, {k: shardings[k] for k in encoder})
