@@ -1,11 +1,13 @@
 # Quickstart: `make demo` (train a tiny GPT on CPU and sample from it), `make test`.
+# `make bert-demo`: pretrain a tiny BERT, fine-tune it twice, answer a question, embed a word.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 DEMO_DIR ?= runs/gpt_tiny
+BERT_DIR ?= runs/bert_tiny
 
-.PHONY: demo test bench clean-demo
+.PHONY: demo bert-demo test bench clean-demo
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,9 +26,22 @@ demo: $(STAMP)
 		--temperature=1.0 --num_samples=2 --max_new_tokens=60 --seed=1
 	$(PY) -m experiments.compare $(DEMO_DIR) --out=$(DEMO_DIR)/loss.png
 
+bert-demo: $(STAMP)
+	$(PY) -m train.main --config=experiments/bert.py:tiny --workdir=$(BERT_DIR)
+	$(PY) -m train.main --config=experiments/bert_classify.py:tiny --workdir=$(BERT_DIR)_cls \
+		--config.init_from=$(BERT_DIR)
+	$(PY) -m train.main --config=experiments/bert_squad.py:tiny --workdir=$(BERT_DIR)_qa \
+		--config.init_from=$(BERT_DIR)
+	$(PY) -m experiments.predict_qa --workdir=$(BERT_DIR)_qa \
+		--context="Now these are the generations of Terah. Terah became the father of Abram, Nahor, and Haran. Haran became the father of Lot." \
+		--question="Who did Haran become the father of?"
+	$(PY) -m experiments.embed --workdir=$(BERT_DIR) --word=light
+
 bench: $(STAMP)
 	$(PY) -m experiments.bench --config=experiments/gpt.py:bench_small
 	$(PY) -m experiments.bench --config=experiments/gpt.py:bench_124m
+	$(PY) -m experiments.bench --config=experiments/bert.py:bert_bench_mini
+	$(PY) -m experiments.bench --config=experiments/bert.py:bert_bench_base
 
 clean-demo:
-	rm -rf $(DEMO_DIR)
+	rm -rf $(DEMO_DIR) $(BERT_DIR) $(BERT_DIR)_cls $(BERT_DIR)_qa

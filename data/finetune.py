@@ -63,12 +63,7 @@ def _tsv_examples(path: str, content: str) -> list[Example]:
 
 def _jsonl_example(path: str, line_number: int, line: str) -> Example:
     """The Example of one JSONL line: an object with text, label and optionally text_pair."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path}:{line_number}: not valid JSON ({e.msg}); fix or delete that line"
-        ) from None
+    record = sources.parse_json_line(path, line_number, line)
     if not isinstance(record, dict):
         record = {}
     text, pair, label = record.get("text"), record.get("text_pair"), record.get("label")
@@ -90,7 +85,7 @@ def read_classification(path: str) -> list[Example]:
     """Examples of a TSV file with a header row, or of a JSONL file (.jsonl or .json)."""
     if not os.path.isfile(path):
         raise DataError(f"classification file {path} does not exist; check the path")
-    content = sources._read_utf8(path)
+    content = sources.read_utf8(path)
     if not content.strip():
         raise DataError(f"{path} is empty; it needs one example per line with the {_FIELDS_HINT}")
     if path.endswith((".jsonl", ".json")):

@@ -40,7 +40,7 @@ TEST_BOOKS = (31, 63)  # Obadiah, 2 John; in neither split, kept for final numbe
 _ICONV_HINT = "convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`"
 
 
-def _read_utf8(path: str) -> str:
+def read_utf8(path: str) -> str:
     """Contents of path as text; non-UTF-8 bytes are a DataError pointing at the first one."""
     raw = pathlib.Path(path).read_bytes()
     try:
@@ -52,18 +52,23 @@ def _read_utf8(path: str) -> str:
         ) from None
 
 
+def parse_json_line(path: str, line_number: int, line: str):
+    """The JSON value of one JSONL line; invalid JSON is a DataError naming the line."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}:{line_number}: not valid JSON ({e.msg}); fix or delete that line"
+        ) from None
+
+
 def _jsonl_documents(path: str, text: str, text_field: str) -> list[str]:
     """One document per non-blank JSONL line, taken from text_field."""
     docs = []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}:{line_number}: not valid JSON ({e.msg}); fix or delete that line"
-            ) from None
+        record = parse_json_line(path, line_number, line)
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise DataError(
                 f"{path}:{line_number}: no string field {text_field!r}; set "
@@ -81,7 +86,7 @@ def read_documents(pattern: str, text_field: str = "text") -> list[str]:
         raise DataError(f"no file matches {pattern!r}; check the path (quote globs in the shell)")
     docs = []
     for path in paths:
-        text = _read_utf8(path)
+        text = read_utf8(path)
         if path.endswith(".jsonl"):
             docs.extend(_jsonl_documents(path, text, text_field))
         else:

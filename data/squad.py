@@ -115,7 +115,7 @@ def read_squad(path: str) -> list[QAExample]:
     if not os.path.isfile(path):
         raise DataError(f"SQuAD file {path} does not exist; check the path (SQuAD itself is at "
                         "https://rajpurkar.github.io/SQuAD-explorer/)")
-    text = sources._read_utf8(path)  # the project's UTF-8 check, naming the bad byte
+    text = sources.read_utf8(path)  # the project's UTF-8 check, naming the bad byte
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

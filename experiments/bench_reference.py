@@ -48,14 +48,7 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    seconds = (time.perf_counter() - start) / args.steps
-    print(f"train: {batch * seq / seconds:,.0f} tokens/s | torch {torch.__version__} "
-          f"{'compiled' if args.compile else 'eager'} | batch {batch} x seq {seq}")
+    time_training(step, args, batch, seq)
     if not args.generate:
         return
     model.eval()
@@ -74,6 +67,18 @@ def main():
         rates.append(b * 128 / best)
     print(f"generate (greedy, 32-token prompt, 128 new): batch 1: {rates[0]:,.0f} | "
           f"batch 8: {rates[1]:,.0f} new tokens/s")
+
+
+def time_training(step, args, batch, seq):
+    """Prints training tokens/s of step() over args.steps after 3 untimed steps."""
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = (time.perf_counter() - start) / args.steps
+    print(f"train: {batch * seq / seconds:,.0f} tokens/s | torch {torch.__version__} "
+          f"{'compiled' if args.compile else 'eager'} | batch {batch} x seq {seq}")
 
 
 def bench_bert(args, vocab, layers, d_model, heads, seq, batch):
@@ -98,14 +103,7 @@ def bench_bert(args, vocab, layers, d_model, heads, seq, batch):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    seconds = (time.perf_counter() - start) / args.steps
-    print(f"train: {batch * seq / seconds:,.0f} tokens/s | torch {torch.__version__} "
-          f"{'compiled' if args.compile else 'eager'} | batch {batch} x seq {seq}")
+    time_training(step, args, batch, seq)
 
 
 if __name__ == "__main__":

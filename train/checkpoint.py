@@ -22,6 +22,7 @@ class Checkpointer:
     def __init__(self, workdir: str, *, save_every_steps: int = 1, keep: int = 1,
                  async_save=True, read_only=False):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.save_every_steps = max(int(save_every_steps), 1)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every_steps, max_to_keep=keep,
             enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
@@ -35,6 +36,8 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: dict, *, force=False) -> bool:
         """Saves when `step` is on the interval (or `force`); returns whether it saved."""
+        if not force and step % self.save_every_steps:
+            return False  # (Orbax alone would also save the first step of every new run)
         return self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
 

@@ -19,6 +19,7 @@ from train.tasks import mlm_nsp
 build_model = mlm_nsp.build_model
 flops_per_token = mlm_nsp.flops_per_token
 load_pretrained = mlm_nsp.load_pretrained
+init_params = mlm_nsp.init_finetune_params
 
 
 def read_examples(config):
@@ -36,9 +37,9 @@ def read_examples(config):
 def prepare_data(config, workdir) -> dict:
     """Tokenized train/eval rows, the label names and the majority-class baseline."""
     mlm_nsp.check_lengths(config)
-    train_ex, eval_ex = read_examples(config)
-    if config.init_from:
+    if config.init_from:  # checks the pretraining run before anything is read or written
         mlm_nsp.copy_tokenizer(config, workdir)
+    train_ex, eval_ex = read_examples(config)
     path = os.path.join(workdir, "tokenizer.model")
     tokenizer = tok.load_tokenizer(path) if os.path.exists(path) else tok.train_tokenizer(
         [e.text + "\n" + (e.text_pair or "") for e in train_ex], path,
@@ -102,22 +103,10 @@ def final_report(final: dict, info: dict) -> str:
 
 
 def init_batch(config, batch_size):
-    shape = (batch_size, config.data.max_len)
-    zeros = jnp.zeros(shape, jnp.int32)
     label_dtype = jnp.float32 if config.model.num_labels == 1 else jnp.int32
-    return {"inputs": zeros, "token_types": zeros, "segment_ids": jnp.ones(shape, jnp.int32),
-            "labels": jnp.zeros((batch_size,), label_dtype),
-            "example_weights": jnp.ones((batch_size,), jnp.float32)}
-
-
-def init_params(model, config, rng):
-    b = init_batch(config, 1)
-    return model.init(rng, b["inputs"], b["token_types"], b["segment_ids"])["params"]
+    return mlm_nsp.encoder_batch(config, batch_size,
+                                 labels=jnp.zeros((batch_size,), label_dtype))
 
 
 def bench_batch(config):
-    rng = np.random.default_rng(0)
-    batch = jax.tree.map(np.asarray, init_batch(config, config.batch_size))
-    batch["inputs"] = rng.integers(7, config.model.vocab_size, batch["inputs"].shape,
-                                   dtype=np.int32)
-    return batch
+    return mlm_nsp.random_inputs(config, init_batch(config, config.batch_size))

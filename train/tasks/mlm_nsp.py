@@ -66,9 +66,12 @@ def prepare_data(config, workdir) -> dict:
     train_tokens, _ = lm_data.tokenize_documents(train_docs, tokenizer)
     unigram = lm_data.unigram_cross_entropy(train_tokens, eval_rows["mlm_targets"],
                                             eval_rows["mlm_weights"], config.model.vocab_size)
+    not_next = float(np.mean(eval_rows["nsp_labels"]))
     return {"train_rows": train_rows, "eval_rows": eval_rows, "tokenizer": tokenizer,
             "info": {"train_rows": len(train_rows["inputs"]),
-                     "eval_rows": len(eval_rows["inputs"]), "unigram_eval_loss": unigram}}
+                     "eval_rows": len(eval_rows["inputs"]), "unigram_eval_loss": unigram,
+                     # Short documents give more NotNext pairs, so 0.5 is not the NSP floor.
+                     "nsp_majority_eval": max(not_next, 1.0 - not_next)}}
 
 
 def loss_fn(params, batch, rng, *, model, train):
@@ -117,19 +120,25 @@ def summarize(sums: dict) -> dict:
 def final_report(final: dict, info: dict) -> str:
     return (f"final eval: MLM loss {final['mlm_loss']:.4f} (perplexity "
             f"{final['mlm_perplexity']:.1f}, accuracy {final['mlm_accuracy']:.3f}) vs unigram "
-            f"{info['unigram_eval_loss']:.4f}; NSP accuracy {final['nsp_accuracy']:.3f} vs 0.5")
+            f"{info['unigram_eval_loss']:.4f}; NSP accuracy {final['nsp_accuracy']:.3f} vs "
+            f"{info['nsp_majority_eval']:.3f} for always the majority label")
+
+
+def encoder_batch(config, batch_size, **task_arrays):
+    """A dummy batch of the encoder's inputs plus a task's arrays, for initialisation."""
+    shape = (batch_size, config.data.max_len)
+    zeros = jnp.zeros(shape, jnp.int32)
+    return {"inputs": zeros, "token_types": zeros, "segment_ids": jnp.ones(shape, jnp.int32),
+            "example_weights": jnp.ones((batch_size,), jnp.float32), **task_arrays}
 
 
 def init_batch(config, batch_size):
-    shape = (batch_size, config.data.max_len)
     p = config.data.max_predictions
-    zeros = jnp.zeros(shape, jnp.int32)
-    return {"inputs": zeros, "token_types": zeros, "segment_ids": jnp.ones(shape, jnp.int32),
-            "mlm_positions": jnp.zeros((batch_size, p), jnp.int32),
-            "mlm_targets": jnp.zeros((batch_size, p), jnp.int32),
-            "mlm_weights": jnp.ones((batch_size, p), jnp.float32),
-            "nsp_labels": jnp.zeros((batch_size,), jnp.int32),
-            "example_weights": jnp.ones((batch_size,), jnp.float32)}
+    return encoder_batch(config, batch_size,
+                         mlm_positions=jnp.zeros((batch_size, p), jnp.int32),
+                         mlm_targets=jnp.zeros((batch_size, p), jnp.int32),
+                         mlm_weights=jnp.ones((batch_size, p), jnp.float32),
+                         nsp_labels=jnp.zeros((batch_size,), jnp.int32))
 
 
 def init_params(model, config, rng):
@@ -138,14 +147,29 @@ def init_params(model, config, rng):
                       b["mlm_positions"])["params"]
 
 
+def init_finetune_params(model, config, rng):
+    """Parameters of a fine-tuning model (no masked positions to feed)."""
+    b = encoder_batch(config, 1)
+    return model.init(rng, b["inputs"], b["token_types"], b["segment_ids"])["params"]
+
+
+def random_inputs(config, batch):
+    """`batch` (numpy) with random ordinary token ids and two token-type halves, for benches."""
+    rng = np.random.default_rng(0)
+    batch = jax.tree.map(np.asarray, batch)
+    b, length = batch["inputs"].shape
+    batch["inputs"] = rng.integers(7, config.model.vocab_size, (b, length), dtype=np.int32)
+    batch["token_types"] = np.broadcast_to(
+        (np.arange(length) >= length // 2).astype(np.int32), (b, length)).copy()
+    return batch
+
+
 def bench_batch(config):
     """Random full-length rows with max_predictions masked positions each (experiments/bench)."""
-    rng = np.random.default_rng(0)
-    b, length, p = config.batch_size, config.data.max_len, config.data.max_predictions
-    batch = jax.tree.map(np.asarray, init_batch(config, b))
-    batch["inputs"] = rng.integers(7, config.model.vocab_size, (b, length), dtype=np.int32)
-    batch["token_types"] = (np.arange(length) >= length // 2).astype(np.int32) * np.ones(
-        (b, 1), np.int32)
+    batch = random_inputs(config, init_batch(config, config.batch_size))
+    rng = np.random.default_rng(1)
+    b, length = batch["inputs"].shape
+    p = config.data.max_predictions
     batch["mlm_positions"] = np.sort(rng.permuted(np.tile(np.arange(1, length), (b, 1)),
                                                   axis=1)[:, :p], axis=1).astype(np.int32)
     batch["mlm_targets"] = rng.integers(7, config.model.vocab_size, (b, p), dtype=np.int32)
@@ -166,8 +190,27 @@ def pretraining_config(init_from: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+def check_pretrained(config) -> ml_collections.ConfigDict:
+    """The pretraining run's config, refused unless its encoder has this config's shape."""
+    pre_config = pretraining_config(config.init_from)
+    diffs = [f"model.{k}: pretrained {pre_config.model.get(k)!r} vs now {config.model.get(k)!r}"
+             for k in ENCODER_KEYS if pre_config.model.get(k) != config.model.get(k)]
+    if pre_config.model.get("family") != "bert" or diffs:
+        raise checkpoint.CheckpointMismatchError(
+            f"{config.init_from} does not hold a BERT encoder of this shape "
+            f"({'; '.join(diffs) or 'family ' + repr(pre_config.model.get('family'))}). Pass "
+            "the pretraining run's values (e.g. --config.model.d_model=...) or use the "
+            "fine-tuning preset with the same name as the pretraining one.")
+    return pre_config
+
+
 def copy_tokenizer(config, workdir):
-    """A fine-tuning run uses its pretraining run's tokenizer: copied into the workdir once."""
+    """A fine-tuning run uses its pretraining run's tokenizer: copied into the workdir once.
+
+    Called first thing in a fine-tuning task's prepare_data, so an incompatible init_from
+    is refused before anything is written.
+    """
+    check_pretrained(config)
     target = os.path.join(workdir, "tokenizer.model")
     if not os.path.exists(target):
         source = os.path.join(config.init_from, "tokenizer.model")
@@ -183,15 +226,7 @@ def load_pretrained(config, shardings) -> dict:
     Everything but the pretraining heads is taken (embeddings, layers, pooler); the caller
     keeps its freshly initialised task heads.
     """
-    pre_config = pretraining_config(config.init_from)
-    diffs = [f"model.{k}: pretrained {pre_config.model.get(k)!r} vs now {config.model.get(k)!r}"
-             for k in ENCODER_KEYS if pre_config.model.get(k) != config.model.get(k)]
-    if pre_config.model.get("family") != "bert" or diffs:
-        raise checkpoint.CheckpointMismatchError(
-            f"{config.init_from} does not hold a BERT encoder of this shape "
-            f"({'; '.join(diffs) or 'family ' + repr(pre_config.model.get('family'))}). Pass "
-            "the pretraining run's values (e.g. --config.model.d_model=...) or use the "
-            "fine-tuning preset with the same name as the pretraining one.")
+    pre_config = check_pretrained(config)
     # The pretraining run is restored read-only on its own terms (its heads included).
     pretrained, _ = loop.restore_params(pre_config, config.init_from, sys.modules[__name__])
     encoder = {k: v for k, v in pretrained.items() if k not in bert.PRETRAINING_HEADS}

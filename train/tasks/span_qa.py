@@ -22,6 +22,7 @@ from train.tasks import mlm_nsp
 build_model = mlm_nsp.build_model
 flops_per_token = mlm_nsp.flops_per_token
 load_pretrained = mlm_nsp.load_pretrained
+init_params = mlm_nsp.init_finetune_params
 PREDICTIONS_FILE = "predictions.json"
 THRESHOLD_FILE = "null_threshold.json"
 
@@ -44,8 +45,6 @@ def read_examples(config, workdir):
 
 
 def load_tokenizer(config, workdir, texts):
-    if config.init_from:
-        mlm_nsp.copy_tokenizer(config, workdir)
     path = os.path.join(workdir, "tokenizer.model")
     if os.path.exists(path):
         return tok.load_tokenizer(path)
@@ -55,6 +54,8 @@ def load_tokenizer(config, workdir, texts):
 def prepare_data(config, workdir) -> dict:
     """Windowed features of the train and dev questions (dev keeps its offset metadata)."""
     mlm_nsp.check_lengths(config)
+    if config.init_from:  # checks the pretraining run before anything is read or written
+        mlm_nsp.copy_tokenizer(config, workdir)
     d = config.data
     train_ex, eval_ex = read_examples(config, workdir)
     tokenizer = load_tokenizer(config, workdir, [e.context for e in train_ex[::4]] +
@@ -147,22 +148,10 @@ def final_report(final: dict, info: dict) -> str:
 
 
 def init_batch(config, batch_size):
-    shape = (batch_size, config.data.max_len)
-    zeros = jnp.zeros(shape, jnp.int32)
-    return {"inputs": zeros, "token_types": zeros, "segment_ids": jnp.ones(shape, jnp.int32),
-            "start_positions": jnp.zeros((batch_size,), jnp.int32),
-            "end_positions": jnp.zeros((batch_size,), jnp.int32),
-            "example_weights": jnp.ones((batch_size,), jnp.float32)}
-
-
-def init_params(model, config, rng):
-    b = init_batch(config, 1)
-    return model.init(rng, b["inputs"], b["token_types"], b["segment_ids"])["params"]
+    return mlm_nsp.encoder_batch(config, batch_size,
+                                 start_positions=jnp.zeros((batch_size,), jnp.int32),
+                                 end_positions=jnp.zeros((batch_size,), jnp.int32))
 
 
 def bench_batch(config):
-    rng = np.random.default_rng(0)
-    batch = jax.tree.map(np.asarray, init_batch(config, config.batch_size))
-    batch["inputs"] = rng.integers(7, config.model.vocab_size, batch["inputs"].shape,
-                                   dtype=np.int32)
-    return batch
+    return mlm_nsp.random_inputs(config, init_batch(config, config.batch_size))
