@@ -3,6 +3,7 @@
   python -m experiments.bench --config=experiments/gpt.py:bench_small
   python -m experiments.bench --config=experiments/gpt.py:bench_124m --generate=False
   python -m experiments.bench --config=experiments/bert.py:bert_bench_mini
+  python -m experiments.bench --config=experiments/gpt.py:bench_124m --mesh=data=1,fsdp=2
 
 Training: the real jitted train_step (AdamW, clipping, donated state) of the config's task on a
 random batch of the task's shapes (task.bench_batch; for BERT, 15% of positions masked), timed
@@ -21,11 +22,13 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from models import gpt
-from train import loop, metrics as metrics_lib, optim, sharding, tasks
+from train import loop, memory, metrics as metrics_lib, optim, sharding, tasks
 from train.tasks import lm
 
 config_flags.DEFINE_config_file("config", None, "Experiment file with a bench preset.",
                                 lock_config=True)
+flags.DEFINE_string("mesh", "", "Mesh override, e.g. data=2,fsdp=2,tensor=2 (default: the "
+                    "config's); per-device memory is printed for it.")
 flags.DEFINE_integer("steps", 10, "Timed training steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation) before timing.")
 flags.DEFINE_bool("generate", True, "Also time generation with the KV cache.")
@@ -44,13 +47,13 @@ def _timed(fn, repeats):
     return best
 
 
-def bench_training(config, peak):
-    """Returns (tokens/s, MFU, compile seconds)."""
+def bench_training(config, peak, verbose=True):
+    """Returns (tokens/s, MFU, compile seconds); prints per-device memory when verbose."""
     task = tasks.get(config.task)
     mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config)
     model = task.build_model(config)
     tx, schedule = optim.make_optimizer(config.opt, 10_000, config.model.d_model)
-    _, state_sh, init_fn = loop.create_state_fns(task, config, model, tx, mesh, rules)
+    abstract, state_sh, init_fn = loop.create_state_fns(task, config, model, tx, mesh, rules)
     batch_sh = sharding.batch_sharding(mesh, rules)
     batch = task.bench_batch(config)
     with jax.set_mesh(mesh):
@@ -61,6 +64,13 @@ def bench_training(config, peak):
         t0 = time.perf_counter()
         compiled = train_step.lower(state, batch, rng).compile()
         compile_s = time.perf_counter() - t0
+        stats = compiled.memory_analysis()
+        mib = 2.0 ** -20
+        if verbose:
+            print(f"memory per device: parameters "
+                  f"{memory.per_device_bytes(abstract.params) * mib:,.1f} MiB | optimizer state "
+                  f"{memory.per_device_bytes(abstract.opt_state) * mib:,.1f} MiB | activations +"
+                  f" workspace (XLA temp) {stats.temp_size_in_bytes * mib:,.1f} MiB")
         for _ in range(FLAGS.warmup):
             state, m = compiled(state, batch, rng)
         jax.block_until_ready(m)
@@ -89,6 +99,8 @@ def bench_generation(config, batch_size, **sampling):
 def main(argv):
     del argv
     config = FLAGS.config
+    if FLAGS.mesh:
+        config.mesh.update({k: int(v) for k, v in (p.split("=") for p in FLAGS.mesh.split(","))})
     peak, source = metrics_lib.peak_flops()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} | peak "
           f"{peak / 1e9:.1f} GFLOP/s ({source})")
