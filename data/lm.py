@@ -82,50 +82,45 @@ def make_iterator(
 ) -> grain.DatasetIterator:
     """A checkpointable iterator over this process's batches of batch_size // process_count rows."""
     # Training (shuffle, repeat): a new deterministic order every epoch, forever. Eval (neither):
-    # one pass in order, the last batches filled with all-zero rows (weight 0) so every batch
-    # has the same static shape and every process runs the same number of batches (a process
-    # that stopped early would hang the others in a collective). get_state() is
-    # {"next_index": int}, JSON as is; set_state() on an iterator built with the same arguments
+    # one pass in order, the last batch filled with all-zero rows (weight 0) so every batch has
+    # the same static shape. Every process builds the same sequence of *global* batches and
+    # keeps its own contiguous slice of each, so the global batch, and with it the training
+    # run, is the same for any number of processes, every process runs the same number of
+    # batches (one that stopped early would hang the others in a collective), and a run saved
+    # with N processes resumes with M. get_state() is {"next_index": int} (global batches so
+    # far), JSON as is; set_state() on an iterator built with the same seed and batch_size
     # resumes at exactly the next batch.
     if batch_size <= 0 or batch_size % process_count:
         raise DataError(
             f"batch_size {batch_size} is not a positive multiple of the {process_count} "
             "processes; pick a batch_size divisible by the process count"
         )
-    local_batch = batch_size // process_count
     n_rows = len(rows["inputs"])
-    if repeat:
-        # Every process gets the same number of rows (the few leftovers are dropped) so the
-        # processes run through epochs in lockstep.
-        n_slots = n_rows - n_rows % process_count
-        if n_slots < process_count:
-            raise DataError(
-                f"{n_rows} training rows cannot feed {process_count} processes; add text or "
-                "lower --config.data.max_len"
-            )
-    else:
-        # Round up to whole batches on every process; slots past n_rows are padding rows.
-        per_process = -(-n_rows // process_count)
-        n_slots = -(-per_process // local_batch) * local_batch * process_count
+    if n_rows == 0:
+        raise DataError("no rows to iterate over; add text or lower --config.data.max_len")
+    # Eval rounds up to whole global batches; slots past n_rows are padding rows.
+    n_slots = n_rows if repeat else -(-n_rows // batch_size) * batch_size
 
     # The pipeline runs over row indices and gathers a whole batch at once at the end, which is
     # one numpy fancy-index per array instead of one Python dict per row.
     ds = grain.MapDataset.range(n_slots)
-    ds = ds[process_index::process_count]  # disjoint rows per process, before any shuffle
     if shuffle:
         ds = ds.shuffle(seed=seed)  # reseeded with the epoch number by repeat() below
     if repeat:
         ds = ds.repeat(None)
-    ds = ds.batch(local_batch, drop_remainder=repeat)
-    ds = ds.map(functools.partial(_gather, rows))
+    ds = ds.batch(batch_size, drop_remainder=repeat)
+    local = slice(process_index * batch_size // process_count,
+                  (process_index + 1) * batch_size // process_count)
+    ds = ds.map(functools.partial(_gather, rows, local))
     # The data is already in memory: reader threads would only fight over the GIL.
     read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     return iter(ds.to_iter_dataset(read_options))
 
 
-def _gather(rows: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
-    """The rows at indices; indices past the end give all-zero padding rows (weight 0)."""
-    indices = np.asarray(indices)
+def _gather(rows: dict[str, np.ndarray], local: slice,
+            indices: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows at indices[local]; indices past the end give all-zero padding rows (weight 0)."""
+    indices = np.asarray(indices)[local]
     padding = indices >= len(rows["inputs"])
     safe = np.where(padding, 0, indices)
     batch = {}

@@ -45,6 +45,8 @@ class BertConfig:
     attention: str = "fast"
     dtype: Any = "float32"
     param_dtype: Any = "float32"
+    remat: str = "none"  # "none" | "full" | "dots_saveable" (layers.REMAT_POLICIES)
+    scan_layers: bool = False  # one scanned block "layer" with stacked params, not layer_0..
 
     @classmethod
     def from_config(cls, model_config, **overrides):
@@ -61,6 +63,13 @@ class BertConfig:
 
 def _dense(features, names, name, kw):
     return layers.Projection((features,), names, name=name, **kw)
+
+
+def _token_type_embedding(cfg, kw):
+    """The 2-row segment table: never split over `tensor` like a vocabulary (2 rows)."""
+    return nn.Embed(cfg.type_vocab_size, cfg.d_model, name="token_type_embeddings",
+                    embedding_init=layers.partitioned(nn.initializers.normal(0.02),
+                                                      (None, layers.EMBED)), **kw)
 
 
 class Bert(nn.Module):
@@ -85,18 +94,17 @@ class Bert(nn.Module):
         x_BLD = (wte(tokens_BL)
                  + layers.LearnedPositionEmbedding(cfg.max_len, cfg.d_model,
                                                    name="position_embeddings", **kw)(positions_BL)
-                 + layers.token_embedding(cfg.type_vocab_size, cfg.d_model,
-                                          "token_type_embeddings", **kw)(token_types_BL))
+                 + _token_type_embedding(cfg, kw)(token_types_BL))
         x_BLD = layers.layer_norm("embeddings_ln", epsilon=1e-12, **kw)(x_BLD)
         x_BLD = nn.Dropout(cfg.dropout_rate)(x_BLD, deterministic=deterministic)
         x_BLD = nn.with_logical_constraint(x_BLD, (layers.BATCH, layers.LENGTH, layers.EMBED))
-        for i in range(cfg.num_layers):
-            # Post-LN as in the paper: LN(x + Sublayer(x)); no final LayerNorm is needed.
-            x_BLD = layers.SelfAttentionBlock(
-                cfg.num_heads, cfg.d_ff, pre_ln=False, causal=False, activation="gelu_exact",
-                dropout_rate=cfg.dropout_rate, attention_dropout_rate=cfg.attention_dropout_rate,
-                implementation=cfg.attention, ln_epsilon=1e-12, name=f"layer_{i}", **kw,
-            )(x_BLD, segment_ids_BL, deterministic)
+        # Post-LN as in the paper: LN(x + Sublayer(x)); no final LayerNorm is needed.
+        x_BLD = layers.self_attention_stack(
+            x_BLD, segment_ids_BL, deterministic, num_layers=cfg.num_layers, name="layer",
+            remat=cfg.remat, scan_layers=cfg.scan_layers, num_heads=cfg.num_heads,
+            d_ff=cfg.d_ff, pre_ln=False, causal=False, activation="gelu_exact",
+            dropout_rate=cfg.dropout_rate, attention_dropout_rate=cfg.attention_dropout_rate,
+            implementation=cfg.attention, ln_epsilon=1e-12, **kw)
 
         # The pooler reads only [CLS] (position 0), whose vector attends to the whole input.
         pooled_BD = jnp.tanh(_dense(cfg.d_model, (layers.EMBED, layers.MLP), "pooler", kw)(

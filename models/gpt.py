@@ -30,6 +30,8 @@ class GPTConfig:
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     decode: bool = False  # incremental decoding with a KV cache
+    remat: str = "none"  # "none" | "full" | "dots_saveable" (layers.REMAT_POLICIES)
+    scan_layers: bool = False  # one scanned block "h" with stacked params, instead of h_0..
 
     @classmethod
     def from_config(cls, model_config, **overrides):
@@ -57,12 +59,12 @@ class GPT(nn.Module):
             cfg.max_len, cfg.d_model, name="wpe", **kw)(positions_BL)
         x_BLD = nn.Dropout(cfg.dropout_rate)(x_BLD, deterministic=deterministic)
         x_BLD = nn.with_logical_constraint(x_BLD, (layers.BATCH, layers.LENGTH, layers.EMBED))
-        for i in range(cfg.num_layers):
-            x_BLD = layers.SelfAttentionBlock(
-                cfg.num_heads, cfg.d_ff, pre_ln=True, causal=True, activation="gelu",
-                dropout_rate=cfg.dropout_rate, attention_dropout_rate=cfg.attention_dropout_rate,
-                implementation=cfg.attention, decode=cfg.decode, name=f"h_{i}", **kw,
-            )(x_BLD, segment_ids_BL, deterministic)
+        x_BLD = layers.self_attention_stack(
+            x_BLD, segment_ids_BL, deterministic, num_layers=cfg.num_layers, name="h",
+            remat=cfg.remat, scan_layers=cfg.scan_layers, num_heads=cfg.num_heads,
+            d_ff=cfg.d_ff, pre_ln=True, causal=True, activation="gelu",
+            dropout_rate=cfg.dropout_rate, attention_dropout_rate=cfg.attention_dropout_rate,
+            implementation=cfg.attention, decode=cfg.decode, **kw)
         x_BLD = layers.layer_norm("ln_f", **kw)(x_BLD)
         return wte.attend(x_BLD)  # tied output projection, logits_BLV in the compute dtype
 

@@ -23,6 +23,7 @@ KV = "kv"
 MLP = "mlp"
 VOCAB = "vocab"
 POSITION = "position"
+LAYERS = "layers"  # the leading axis of scanned (stacked) layer parameters; never sharded
 
 Dtype = Any
 
@@ -63,7 +64,9 @@ def reference_attention(q_BLHK, k_BSHK, v_BSHK, mask_B1LS=None, dropout_fn=None,
     """
     kv = "bhsk" if heads_first_kv else "bshk"
     scale = 1.0 / np.sqrt(q_BLHK.shape[-1])
-    logits_BHLS = jnp.einsum(f"blhk,{kv}->bhls", q_BLHK, k_BSHK).astype(jnp.float32) * scale
+    # Accumulated and returned in fp32, so bf16 inputs are not rounded before the softmax.
+    logits_BHLS = jnp.einsum(f"blhk,{kv}->bhls", q_BLHK, k_BSHK,
+                             preferred_element_type=jnp.float32) * scale
     if mask_B1LS is not None:
         # A large finite negative rather than -inf: a fully masked (padding) row stays finite.
         logits_BHLS = jnp.where(mask_B1LS, logits_BHLS, jnp.finfo(jnp.float32).min)
@@ -110,7 +113,8 @@ class MultiHeadAttention(nn.Module):
     num_heads: int
     head_dim: int
     dropout_rate: float = 0.0
-    implementation: str = "fast"  # "fast": jax.nn.dot_product_attention; "reference": einsum
+    implementation: str = "fast"  # jax.nn.dot_product_attention ("xla"/"cudnn" forced), or
+    # "reference": the einsum path
     decode: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -145,13 +149,19 @@ class MultiHeadAttention(nn.Module):
             mask_B1LS = make_attention_mask(q_seg, kv_segment_ids_BS, causal=causal)
         causal_only = causal and mask_B1LS is None
         attn_dropout = self.dropout_rate > 0 and not deterministic
-        if self.implementation == "fast" and not attn_dropout:
-            # XLA on CPU/TPU, cuDNN flash attention on GPUs when shapes and dtypes allow.
+        # "fast" lets JAX pick; "xla" / "cudnn" force one (gpu_check times flash on vs off).
+        fused = {"fast": None, "xla": "xla", "cudnn": "cudnn"}
+        if self.implementation in fused and not attn_dropout:
+            # XLA on CPU/TPU, cuDNN flash attention on GPUs when shapes and dtypes allow. With
+            # bf16 inputs the XLA path (jax 0.10) accumulates Q K^T into fp32 and runs the
+            # softmax in fp32, casting the weights to bf16 only for the product with V, as the
+            # reference path does (tests/models/test_remat_scan_precision.py checks both).
             return jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, mask=mask_B1LS,
-                                                is_causal=causal_only)
-        if self.implementation not in ("fast", "reference"):
+                                                is_causal=causal_only,
+                                                implementation=fused[self.implementation])
+        if self.implementation not in (*fused, "reference"):
             raise ValueError(f"unknown attention implementation {self.implementation!r}; "
-                             "use 'fast' or 'reference'")
+                             "use 'fast', 'xla', 'cudnn' or 'reference'")
         if causal_only:
             mask_B1LS = make_attention_mask(causal=True, q_len=q_BLHK.shape[1],
                                             kv_len=k_BSHK.shape[1])
@@ -306,3 +316,52 @@ class SelfAttentionBlock(nn.Module):
             x_BLD = ln_1(x_BLD + drop(attend(x_BLD), deterministic=deterministic))
             x_BLD = ln_2(x_BLD + drop(mlp(x_BLD, deterministic), deterministic=deterministic))
         return nn.with_logical_constraint(x_BLD, (BATCH, LENGTH, EMBED))
+
+
+# config.model.remat -> what the backward pass may keep from the forward pass of each block.
+# "dots_saveable" keeps the outputs of the matmuls against weights (Q, K, V, output and
+# feed-forward projections: dots with no batch dimensions) and recomputes the rest. Plain
+# jax.checkpoint_policies.dots_saveable would also keep the batched Q K^T and P V products,
+# i.e. the B,H,L,S attention matrices that dominate activation memory at long context.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def self_attention_stack(x_BLD, segment_ids_BL, deterministic, *, num_layers, name,
+                         remat="none", scan_layers=False, **block_kwargs):
+    """x through `num_layers` SelfAttentionBlocks, created in the calling module's scope.
+
+    Unscanned, the blocks are `{name}_0`, `{name}_1`, ... Scanned, one block `name` runs under
+    nn.scan with every parameter stacked on a leading LAYERS axis, so XLA compiles one layer
+    instead of `num_layers` (compile time stops growing with depth). A KV cache is stacked the
+    same way. `remat` wraps each block in jax.checkpoint with a REMAT_POLICIES policy; neither
+    option changes the parameters' names or values, only their layout (scan) or what is
+    recomputed (remat).
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown config.model.remat {remat!r}; use one of "
+                         f"{sorted(REMAT_POLICIES)}")
+    block_cls = SelfAttentionBlock
+    if remat != "none":
+        # deterministic (argument 3, counting self) is a Python bool choosing code paths, so
+        # it must stay static. scan already keeps XLA from merging recomputation with the
+        # forward pass, which is what prevent_cse guards against otherwise.
+        block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat], static_argnums=(3,),
+                             prevent_cse=not scan_layers)
+    if not scan_layers:
+        for i in range(num_layers):
+            x_BLD = block_cls(name=f"{name}_{i}", **block_kwargs)(x_BLD, segment_ids_BL,
+                                                                   deterministic)
+        return x_BLD
+
+    def body(block, carry_BLD):
+        return block(carry_BLD, segment_ids_BL, deterministic), None
+
+    scanned = nn.scan(body, variable_axes={"params": 0, "cache": 0},
+                      split_rngs={"params": True, "dropout": True}, length=num_layers,
+                      metadata_params={nn.PARTITION_NAME: LAYERS})
+    x_BLD, _ = scanned(block_cls(name=name, **block_kwargs), x_BLD)
+    return x_BLD

@@ -93,7 +93,9 @@ def check_resume_config(config, workdir):
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
     current = json.loads(config.to_json())
-    ignored = {"cache_dir"}  # where the corpus is cached does not change the run
+    # Where the corpus is cached and what the backward pass recomputes (model.remat: same
+    # parameters, same numbers) do not change the run.
+    ignored = {"cache_dir", "remat"}
     diffs = [f"{section}.{k}: saved {saved.get(section, {}).get(k)!r} vs now {v!r}"
              for section in ("model", "data") for k, v in current[section].items()
              if section in saved and k not in ignored and saved[section].get(k) != v]

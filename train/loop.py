@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import multihost_utils
 
 from data import lm as lm_data
 from train import checkpoint, metrics as metrics_lib, optim, sharding
@@ -172,7 +173,12 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
               f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source}) | data {data['info']} | "
               f"{'resuming at step ' + str(first_step) if first_step else 'new run'}")
     stop = {"signal": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    # One process: our SIGTERM handler. Several: JAX's preemption service (started by
+    # jax.distributed.initialize) agrees on one step at which every process stops and saves,
+    # so no process waits in a collective that another has left.
+    multi = jax.process_count() > 1
+    previous_handler = None if multi else signal.signal(
+        signal.SIGTERM, lambda *_: stop.update(signal=True))
     wall0, pending, timer = metrics_lib.last_wall_time(workdir), [], metrics_lib.Throughput()
     run_start, final = time.time(), {}
     step = first_step
@@ -210,6 +216,8 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
                 timer.restart()
             if step == config.get("stop_at_step", 0):
                 stop["signal"] = True  # a preemption drill: same path as SIGTERM
+            if multi and multihost_utils.reached_preemption_sync_point(step):
+                stop["signal"] = True
             ckpt.save(step, state, train_iter.get_state(),
                       force=step == config.num_train_steps or stop["signal"])
         if stop["signal"]:
@@ -217,7 +225,8 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
         elif final and hasattr(task, "final_report"):
             bar.write(task.final_report(final, data["info"]))
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
         ckpt.close()
         bar.close()
         writer.close()

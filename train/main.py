@@ -3,7 +3,11 @@
   python -m train.main --config=experiments/gpt.py:tiny --workdir=runs/gpt_tiny \\
       --config.opt.learning_rate=3e-4 --config.mesh.fsdp=2
 
-Rerunning with the same --workdir resumes from its latest checkpoint.
+Rerunning with the same --workdir resumes from its latest checkpoint. --dry_run compiles the
+train step for the configured mesh and prints per-device memory, then exits (nothing is
+trained, read or written). Multi-host: the same
+command on every host; under SLURM or on a TPU pod slice JAX finds the other processes itself,
+elsewhere add --coordinator_address=HOST:PORT --num_processes=N --process_id=I (README).
 """
 import re
 import sys
@@ -12,11 +16,17 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data.errors import DataError
-from train import checkpoint, loop, sharding, tasks
+from train import checkpoint, loop, memory, multihost, sharding, tasks
 
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, tokenizer.")
 config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/gpt.py:tiny",
                                 lock_config=True)
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-host: host:port of process 0, the same on every process.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes take part.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0..num_processes-1.")
+flags.DEFINE_bool("dry_run", False, "Compile the train step for the configured mesh, print "
+                  "per-device memory (parameters, optimizer state, activations) and exit.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,9 +48,16 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
-    config = flags.FLAGS.config
+    config, fl = flags.FLAGS.config, flags.FLAGS
     try:
-        loop.train_and_evaluate(config, flags.FLAGS.workdir, tasks.get(config.task))
+        # First: jax.distributed.initialize refuses to run once a JAX device has been used.
+        multihost.maybe_initialize_distributed(fl.coordinator_address, fl.num_processes,
+                                               fl.process_id)
+        task = tasks.get(config.task)
+        if fl.dry_run:
+            print(memory.format_report(memory.memory_report(config, task), config))
+            return
+        loop.train_and_evaluate(config, fl.workdir, task)
     except (DataError, checkpoint.CheckpointMismatchError, sharding.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -22,9 +22,9 @@ PEAK_FLOPS = {
 }
 
 
-def measure_matmul_flops(n: int = 1024, repeats: int = 20) -> float:
-    """FLOP/s of a jitted fp32 n x n matmul on the default device (the CPU 'peak')."""
-    a = jnp.ones((n, n), jnp.float32)
+def measure_matmul_flops(n: int = 1024, repeats: int = 20, dtype=jnp.float32) -> float:
+    """FLOP/s of a jitted n x n matmul on the default device (the CPU 'peak')."""
+    a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
     f(a, a).block_until_ready()
     best = float("inf")
@@ -148,7 +148,8 @@ class ProgressBar:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
 
     def write(self, line: str):
-        self._bar.write(line)
+        if not self._bar.disable:  # tqdm.write is a class method: it prints even when disabled
+            self._bar.write(line)
 
     def close(self):
         self._bar.close()

@@ -28,6 +28,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("position", None),
+    ("layers", None),  # the stacked-layer axis of scanned blocks (model.scan_layers)
 )
 
 
@@ -56,8 +57,23 @@ def rules_from_config(config):
 
 
 def logical_shardings(abstract_tree, mesh, rules):
-    """NamedShardings for a tree whose leaves may be boxed with logical names."""
-    return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_tree), mesh, rules)
+    """NamedShardings for a tree whose leaves may be boxed with logical names.
+
+    An axis the mesh would split unevenly (say GPT-2's 50,257-token vocabulary over tensor=2)
+    is a ConfigError naming the parameter, rather than an XLA error at the first step.
+    """
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_tree), mesh, rules)
+    leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract_tree))
+    for (path, leaf), sh in zip(leaves, jax.tree.leaves(shardings)):
+        try:
+            sh.shard_shape(leaf.shape)
+        except ValueError:
+            raise ConfigError(
+                f"parameter {jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be split "
+                f"evenly as {sh.spec} over mesh {dict(mesh.shape)}; change config.mesh, or make "
+                "the dimension divisible (e.g. config.model.vocab_size=50304 for GPT-2, "
+                "nanoGPT's padding)") from None
+    return shardings
 
 
 def batch_sharding(mesh, rules) -> NamedSharding:

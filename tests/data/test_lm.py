@@ -95,10 +95,12 @@ def test_train_iterator_deterministic_and_reshuffled_each_epoch(rows):
 def test_train_iterator_shards_disjoint_rows(rows):
     batch = next(lm.make_iterator(rows, 8, seed=0, process_index=0, process_count=2))
     assert {k: v.shape for k, v in batch.items()} == {k: (4, 4) for k in rows}
-    shards = [sum(take(lm.make_iterator(rows, 8, seed=0, process_index=p, process_count=2),
-                       5), []) for p in range(2)]
-    assert not set(shards[0]) & set(shards[1])
-    assert sorted(shards[0] + shards[1]) == list(range(40))
+    shards = [take(lm.make_iterator(rows, 8, seed=0, process_index=p, process_count=2), 5)
+              for p in range(2)]
+    assert not set(sum(shards[0], [])) & set(sum(shards[1], []))
+    # The processes' slices, side by side, are the one-process batches: the run does not
+    # depend on the process count.
+    assert [a + b for a, b in zip(*shards)] == take(lm.make_iterator(rows, 8, seed=0), 5)
     with pytest.raises(DataError, match="batch_size 9 .* 2 processes"):
         lm.make_iterator(rows, 9, seed=0, process_count=2)
 
@@ -122,13 +124,15 @@ def test_eval_iterator_pads_last_batch(rows):
         batches = list(lm.make_iterator(rows, 12, seed=0, shuffle=False, repeat=False,
                                         process_index=p, process_count=2))
         assert len(batches) == 4 and all(b["inputs"].shape == (6, 4) for b in batches)
-        last = batches[-1]
-        # 20 real rows per process in 24 slots: the last 4 are padding with weight 0.
-        assert last["weights"].sum(axis=1).tolist() == [4, 4, 0, 0, 0, 0]
-        assert all((last[k][2:] == 0).all() for k in rows)
-        shards.append([r for b in batches for r, w in zip(b["inputs"][:, 0], b["weights"][:, 0])
-                       if w])
-    assert shards[0] == list(range(0, 40, 2)) and shards[1] == list(range(1, 40, 2))
+        shards.append(batches)
+    # 40 real rows in 48 slots: the last global batch holds rows 36-39 and 8 padding rows
+    # (all zero, weight 0), so process 1's last slice is padding only.
+    assert shards[0][-1]["weights"].sum(axis=1).tolist() == [4, 4, 4, 4, 0, 0]
+    assert shards[1][-1]["weights"].sum() == 0
+    assert all((shards[0][-1][k][4:] == 0).all() and (shards[1][-1][k] == 0).all() for k in rows)
+    real = [r for i in range(4) for p in range(2)
+            for r, w in zip(shards[p][i]["inputs"][:, 0], shards[p][i]["weights"][:, 0]) if w]
+    assert real == list(range(40))  # global batches in order, each split between the processes
 
 
 def test_unigram_cross_entropy_by_hand():

@@ -68,3 +68,19 @@ def test_fsdp_and_tensor_parallelism_divide_the_state(family):
     # Tensor parallelism leaves LayerNorms, biases of the output projections and position
     # embeddings whole, so it divides a little less than perfectly.
     assert replicated / 4 <= tensor < 1.35 * replicated / 4
+
+
+def test_dry_run_prints_per_device_memory_and_writes_nothing(tmp_path):
+    from tests.test_cli import run
+    workdir = tmp_path / "never"
+    out = run("train.main", "--config=experiments/bert.py:smoke", f"--workdir={workdir}",
+              "--dry_run", "--config.mesh.data=1", "--config.mesh.fsdp=8").stdout
+    assert "per device:" in out and "optimizer state" in out and "activations" in out
+    assert "'fsdp': 8" in out and not workdir.exists()
+
+
+def test_a_dimension_the_mesh_cannot_split_is_a_config_error():
+    config = _config("gpt", {"data": 1, "fsdp": 1, "tensor": 8})
+    config.model.vocab_size = 500  # not a multiple of 8 (nor are the 2 heads)
+    with pytest.raises(sharding.ConfigError, match="cannot be split evenly.*config.mesh"):
+        memory.memory_report(config, lm)

@@ -4,17 +4,14 @@ A linear layer on the pooled [CLS] vector: softmax cross-entropy over N classes,
 error when num_labels == 1 (regression, e.g. STS-B). Eval sums a confusion matrix, so accuracy,
 macro-F1 and Matthews correlation are exact over the whole split, not means over batches.
 """
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from data import finetune, sources
-from data import tokenizer as tok
 from data.errors import DataError
-from train.tasks import mlm_nsp
+from train.tasks import lm, mlm_nsp
 
 build_model = mlm_nsp.build_model
 flops_per_token = mlm_nsp.flops_per_token
@@ -40,10 +37,8 @@ def prepare_data(config, workdir) -> dict:
     if config.init_from:  # checks the pretraining run before anything is read or written
         mlm_nsp.copy_tokenizer(config, workdir)
     train_ex, eval_ex = read_examples(config)
-    path = os.path.join(workdir, "tokenizer.model")
-    tokenizer = tok.load_tokenizer(path) if os.path.exists(path) else tok.train_tokenizer(
-        [e.text + "\n" + (e.text_pair or "") for e in train_ex], path,
-        config.model.vocab_size, config.data.tokenizer_type)
+    tokenizer = lm.load_or_train_tokenizer(
+        config, workdir, [e.text + "\n" + (e.text_pair or "") for e in train_ex])
     regression = config.model.num_labels == 1
     labels = None if regression else finetune.label_names(train_ex)
     if labels is not None and len(labels) != config.model.num_labels:

@@ -15,6 +15,7 @@ from data import lm as lm_data
 from data import sources, tokenizer as tok
 from data.errors import DataError
 from models import gpt
+from train import multihost
 
 
 def build_model(config, *, decode=False) -> gpt.GPT:
@@ -29,10 +30,10 @@ def flops_per_token(config) -> float:
 def load_or_train_tokenizer(config, workdir, train_docs):
     """The run's tokenizer: reused from the workdir, or trained on the training documents."""
     path = os.path.join(workdir, "tokenizer.model")
-    if os.path.exists(path):
-        return tok.load_tokenizer(path)
-    return tok.train_tokenizer(train_docs, path, config.model.vocab_size,
-                               config.data.tokenizer_type)
+    # Trained by process 0 alone: the others would write the same file at the same time.
+    multihost.write_once(path, lambda: tok.train_tokenizer(
+        train_docs, path, config.model.vocab_size, config.data.tokenizer_type))
+    return tok.load_tokenizer(path)
 
 
 def prepare_data(config, workdir) -> dict:

@@ -21,12 +21,12 @@ from data import bert_pretrain, sources
 from data import lm as lm_data
 from data.errors import DataError
 from models import bert
-from train import checkpoint, loop
+from train import checkpoint, loop, multihost
 from train.tasks import lm
 
 # The encoder's shape: a fine-tuning config must agree with its pretraining run on these.
 ENCODER_KEYS = ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "d_ff",
-                "type_vocab_size")
+                "type_vocab_size", "scan_layers")
 
 
 def build_model(config, **overrides) -> bert.Bert:
@@ -211,13 +211,12 @@ def copy_tokenizer(config, workdir):
     is refused before anything is written.
     """
     check_pretrained(config)
+    source = os.path.join(config.init_from, "tokenizer.model")
     target = os.path.join(workdir, "tokenizer.model")
-    if not os.path.exists(target):
-        source = os.path.join(config.init_from, "tokenizer.model")
-        if not os.path.exists(source):
-            raise DataError(f"{config.init_from} has no tokenizer.model; pretrain into it first")
-        os.makedirs(workdir, exist_ok=True)
-        shutil.copyfile(source, target)
+    if not os.path.exists(target) and not os.path.exists(source):
+        raise DataError(f"{config.init_from} has no tokenizer.model; pretrain into it first")
+    os.makedirs(workdir, exist_ok=True)
+    multihost.write_once(target, lambda: shutil.copyfile(source, target))
 
 
 def load_pretrained(config, shardings) -> dict:

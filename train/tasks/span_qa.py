@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from data import squad, sources
-from data import tokenizer as tok
 from data.errors import DataError
-from train.tasks import mlm_nsp
+from train import multihost
+from train.tasks import lm, mlm_nsp
 
 build_model = mlm_nsp.build_model
 flops_per_token = mlm_nsp.flops_per_token
@@ -33,22 +34,18 @@ def read_examples(config, workdir):
     if d.source == "bible" or d.source.endswith(".db"):
         db = sources.fetch_bible_db(d.cache_dir or None) if d.source == "bible" else d.source
         paths = [os.path.join(workdir, f"bible_squad_{split}.json") for split in ("train", "dev")]
-        if not all(os.path.exists(p) for p in paths):
+
+        def write_splits():
             for path, split in zip(paths, squad.bible_squad(str(db), d.bible_version)):
                 with open(path, "w", encoding="utf-8") as f:
                     json.dump(split, f)
+
+        multihost.write_once(paths[-1], write_splits)  # dev is written last
         return squad.read_squad(paths[0]), squad.read_squad(paths[1])
     if not d.eval_source:
         raise DataError("set --config.data.eval_source to the SQuAD dev JSON (the train JSON "
                         "is --config.data.source)")
     return squad.read_squad(d.source), squad.read_squad(d.eval_source)
-
-
-def load_tokenizer(config, workdir, texts):
-    path = os.path.join(workdir, "tokenizer.model")
-    if os.path.exists(path):
-        return tok.load_tokenizer(path)
-    return tok.train_tokenizer(texts, path, config.model.vocab_size, config.data.tokenizer_type)
 
 
 def prepare_data(config, workdir) -> dict:
@@ -58,8 +55,8 @@ def prepare_data(config, workdir) -> dict:
         mlm_nsp.copy_tokenizer(config, workdir)
     d = config.data
     train_ex, eval_ex = read_examples(config, workdir)
-    tokenizer = load_tokenizer(config, workdir, [e.context for e in train_ex[::4]] +
-                               [e.question for e in train_ex])
+    tokenizer = lm.load_or_train_tokenizer(
+        config, workdir, [e.context for e in train_ex[::4]] + [e.question for e in train_ex])
     kw = dict(max_len=d.max_len, doc_stride=d.doc_stride, max_query_len=d.max_query_len)
     train_rows, _ = squad.squad_features(train_ex, tokenizer, train=True, **kw)
     eval_rows, eval_meta = squad.squad_features(eval_ex, tokenizer, train=False, **kw)
@@ -94,10 +91,17 @@ def loss_fn(params, batch, rng, *, model, train):
                       "correct_sum": jnp.sum(correct_B * w_B)}
 
 
+def make_predict_fn(params, config):
+    """Jitted (params, batch) -> (start, end) logits, replicated so every process can read them."""
+    model = build_model(config)
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    return jax.jit(lambda p, b: _span_logits(p, b, model=model),
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
 def predict_logits(params, rows, config, predict_fn=None):
     """(start, end) logits F,L for every row, in order, in batches of eval_batch_size."""
-    if predict_fn is None:
-        predict_fn = jax.jit(lambda p, b: _span_logits(p, b, model=build_model(config)))
+    predict_fn = predict_fn or make_predict_fn(params, config)
     n, size = len(rows["inputs"]), config.eval_batch_size
     starts, ends = [], []
     for i in range(0, n, size):
@@ -112,9 +116,8 @@ def predict_logits(params, rows, config, predict_fn=None):
 
 def evaluate_predictions(params, data, config, workdir) -> dict:
     """EM / F1 on the dev questions; writes predictions.json (and the tuned null threshold)."""
-    if "predict_fn" not in data:
-        model = build_model(config)
-        data["predict_fn"] = jax.jit(lambda p, b: _span_logits(p, b, model=model))
+    if "predict_fn" not in data:  # compiled once per run, not at every eval
+        data["predict_fn"] = make_predict_fn(params, config)
     start, end = predict_logits(params, data["eval_rows"], config, data["predict_fn"])
     examples = data["eval_examples"]
     answers, score_diffs = squad.postprocess(examples, data["eval_meta"], start, end,
