@@ -125,13 +125,23 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BLD, kv_BSD=None, *, segment_ids_BL=None, kv_segment_ids_BS=None,
-                 causal=False, deterministic=True):
-        q_BLHK = self._project(x_BLD, "query")
-        m_BSD = x_BLD if kv_BSD is None else kv_BSD
-        k_BSHK = self._project(m_BSD, "key")
-        v_BSHK = self._project(m_BSD, "value")
+                 causal=False, deterministic=True, projected_kv=None, only_project_kv=False):
+        """Attention output B,L,D; or, with only_project_kv, the keys and values of kv_BSD.
 
-        if self.decode and kv_BSD is None:
+        Cross-attention in incremental decoding projects the encoder output once
+        (only_project_kv) and passes the result back as projected_kv at every step.
+        """
+        if only_project_kv:
+            return self._project(kv_BSD, "key"), self._project(kv_BSD, "value")
+        q_BLHK = self._project(x_BLD, "query")
+        if projected_kv is not None:
+            k_BSHK, v_BSHK = projected_kv
+        else:
+            m_BSD = x_BLD if kv_BSD is None else kv_BSD
+            k_BSHK = self._project(m_BSD, "key")
+            v_BSHK = self._project(m_BSD, "value")
+
+        if self.decode and kv_BSD is None and projected_kv is None:
             z_BLHK = self._cached_attention(q_BLHK, k_BSHK, v_BSHK)
         else:
             z_BLHK = self._attention(q_BLHK, k_BSHK, v_BSHK, segment_ids_BL, kv_segment_ids_BS,
@@ -238,10 +248,11 @@ def layer_norm(name, dtype=jnp.float32, param_dtype=jnp.float32, epsilon=1e-5):
         bias_init=partitioned(nn.initializers.zeros, (EMBED,)))
 
 
-def token_embedding(vocab_size, d_model, name, dtype=jnp.float32, param_dtype=jnp.float32):
+def token_embedding(vocab_size, d_model, name, dtype=jnp.float32, param_dtype=jnp.float32,
+                    stddev=0.02):
     """Token lookup table; its `attend` gives output logits when input/output are tied."""
     return nn.Embed(vocab_size, d_model, dtype=dtype, param_dtype=param_dtype, name=name,
-                    embedding_init=partitioned(nn.initializers.normal(0.02), (VOCAB, EMBED)))
+                    embedding_init=partitioned(nn.initializers.normal(stddev), (VOCAB, EMBED)))
 
 
 class LearnedPositionEmbedding(nn.Module):

@@ -7,7 +7,7 @@ Modules are imported on demand so one task's dependencies never load for another
 """
 import importlib
 
-NAMES = ("lm", "mlm_nsp", "classify", "span_qa")
+NAMES = ("lm", "mlm_nsp", "classify", "span_qa", "seq2seq")
 
 
 def get(name: str):

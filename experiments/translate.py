@@ -1,0 +1,62 @@
+"""Translates a file or stdin, one sentence a line, with a trained Transformer run.
+
+  echo "In the beginning God created the heavens and the earth." | \
+      python -m experiments.translate --workdir=runs/transformer_tiny
+  python -m experiments.translate --workdir=runs/transformer_tiny --input=in.txt --beam_size=4
+
+Beam search with the paper's settings by default (beam 4, length penalty alpha 0.6, at most the
+source length + 50 tokens); --beam_size=1 is greedy decoding.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+
+from data import sources
+from data.errors import DataError
+from train import checkpoint, tasks
+from train.tasks import seq2seq
+
+flags.DEFINE_string("workdir", None, "A trained translation run folder.", required=True)
+flags.DEFINE_string("input", "", "A UTF-8 text file, one sentence a line (default: stdin).")
+flags.DEFINE_integer("beam_size", 0, "Beam size (0: the run's config.decode.beam_size).")
+flags.DEFINE_float("alpha", -1.0, "Length penalty (negative: the run's config.decode.alpha).")
+FLAGS = flags.FLAGS
+
+
+def read_lines(path: str) -> list[str]:
+    if path:
+        if not os.path.isfile(path):
+            raise DataError(f"--input={path} does not exist; pass a UTF-8 text file, one "
+                            "sentence a line, or pipe the text to stdin")
+        text = sources.read_utf8(path)
+    else:
+        raw = sys.stdin.buffer.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"stdin is not UTF-8 (byte {e.start}); convert it with iconv") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise DataError("nothing to translate: the input has no non-blank line")
+    return lines
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only opens
+    try:
+        lines = read_lines(FLAGS.input)
+        config, tokenizer, params, _ = tasks.load_run(FLAGS.workdir, families=("transformer",))
+        outputs = seq2seq.translate(params, lines, tokenizer, config,
+                                    beam_size=FLAGS.beam_size or None,
+                                    alpha=None if FLAGS.alpha < 0 else FLAGS.alpha)
+    except (DataError, checkpoint.CheckpointMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for line in outputs:
+        print(line)
+
+
+if __name__ == "__main__":
+    app.run(main)
