@@ -42,6 +42,8 @@ bench: $(STAMP)
 	$(PY) -m experiments.bench --config=experiments/gpt.py:bench_124m
 	$(PY) -m experiments.bench --config=experiments/bert.py:bert_bench_mini
 	$(PY) -m experiments.bench --config=experiments/bert.py:bert_bench_base
+	$(PY) -m experiments.bench --config=experiments/transformer.py:transformer_bench_small
+	$(PY) -m experiments.bench --config=experiments/transformer.py:transformer_bench_base
 
 clean-demo:
 	rm -rf $(DEMO_DIR) $(BERT_DIR) $(BERT_DIR)_cls $(BERT_DIR)_qa

@@ -21,6 +21,8 @@ PRESETS = {  # name: (vocab, layers, d_model, heads, seq, batch), as in experime
     "bench_124m": (50257, 12, 768, 12, 256, 4),
     "bert_bench_mini": (8192, 4, 256, 4, 128, 32),
     "bert_bench_base": (30522, 12, 768, 12, 128, 8),
+    "transformer_bench_small": (8192, 3, 256, 4, 64, 32),
+    "transformer_bench_base": (32000, 6, 512, 8, 64, 16),
 }
 
 
@@ -34,6 +36,8 @@ def main():
     vocab, layers, d_model, heads, seq, batch = PRESETS[args.preset]
     if args.preset.startswith("bert"):
         return bench_bert(args, vocab, layers, d_model, heads, seq, batch)
+    if args.preset.startswith("transformer"):
+        return bench_marian(args, vocab, layers, d_model, heads, seq, batch)
     config = transformers.GPT2Config(vocab_size=vocab, n_positions=max(seq, 160), n_embd=d_model,
                                      n_layer=layers, n_head=heads, resid_pdrop=0.0,
                                      embd_pdrop=0.0, attn_pdrop=0.0)
@@ -99,6 +103,33 @@ def bench_bert(args, vocab, layers, d_model, heads, seq, batch):
     def step():
         loss = step_model(input_ids=tokens, token_type_ids=types, labels=labels,
                           next_sentence_label=nsp).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    time_training(step, args, batch, seq)
+
+
+def bench_marian(args, vocab, layers, d_model, heads, seq, batch):
+    """MarianMTModel (the original Transformer's shape: post-LN, ReLU, sinusoids, shared
+    embeddings), label-smoothed loss as in training; target tokens/s."""
+    config = transformers.MarianConfig(
+        vocab_size=vocab, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+        encoder_attention_heads=heads, decoder_attention_heads=heads,
+        encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, activation_function="relu",
+        max_position_embeddings=max(seq, 512), share_encoder_decoder_embeddings=True,
+        pad_token_id=0, decoder_start_token_id=2)
+    model = transformers.MarianMTModel(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step_model = torch.compile(model) if args.compile else model
+    src = torch.randint(7, vocab, (batch, seq))
+    tgt = torch.randint(7, vocab, (batch, seq))
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def step():
+        logits = step_model(input_ids=src, decoder_input_ids=tgt).logits
+        loss = loss_fn(logits.reshape(-1, vocab), tgt.reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

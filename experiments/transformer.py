@@ -7,7 +7,8 @@ The sanity task (copy or reverse random symbol strings):
       --config.data.source=reverse
 
 Variants: smoke (tests), tiny (CPU), base (6+6 layers, 512, 8 heads, 2048, dropout 0.1, ~65M)
-and big (1024, 16 heads, 4096, dropout 0.3, ~213M). The paper's training recipe (sec. 5.3, 5.4):
+and big (1024, 16 heads, 4096, dropout 0.3, ~213M); transformer_bench_small / _base are the
+shapes timed by experiments/bench.py (source and target length 64). The paper's training recipe (sec. 5.3, 5.4):
 Adam beta1 0.9, beta2 0.98, eps 1e-9; lrate = d_model^-0.5 * min(step^-0.5, step *
 warmup^-1.5) with warmup 4000; label smoothing 0.1; beam 4, length penalty 0.6.
 Own data: --config.data.source=train.tsv --config.data.eval_source=dev.tsv (source<TAB>target).
@@ -20,6 +21,8 @@ PRESETS = {
     "tiny": (3, 128, 4, 512, 4000, 96, 0.1),
     "base": (6, 512, 8, 2048, 37000, 256, 0.1),
     "big": (6, 1024, 16, 4096, 37000, 256, 0.3),
+    "transformer_bench_small": (3, 256, 4, 1024, 8192, 64, 0.0),
+    "transformer_bench_base": (6, 512, 8, 2048, 32000, 64, 0.0),
 }
 
 
@@ -64,9 +67,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.checkpoint_every_steps, c.num_eval_steps = 500, 2
         # Noam's peak step size is scale * d_model^-0.5 * warmup^-0.5: 0.3 * 0.18 * 0.1 here.
         c.opt.warmup_steps, c.opt.learning_rate = 100, 0.3
+    elif arg.startswith("transformer_bench"):
+        c.batch_size = 32 if arg == "transformer_bench_small" else 16
     elif arg == "tiny":
         c.batch_size = c.eval_batch_size = 32
-        c.num_train_steps, c.eval_every_steps, c.log_every_steps = 3000, 1000, 50
-        c.checkpoint_every_steps, c.num_eval_steps = 1000, 20
-        c.opt.warmup_steps, c.opt.learning_rate = 400, 2.0
+        c.num_train_steps, c.eval_every_steps, c.log_every_steps = 1200, 400, 50
+        c.checkpoint_every_steps, c.num_eval_steps = 400, 20
+        c.opt.warmup_steps, c.opt.learning_rate = 300, 1.0
     return c

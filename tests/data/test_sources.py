@@ -2,11 +2,12 @@
 
 import hashlib
 import json
-import sqlite3
 import subprocess
 import zipfile
 
 import pytest
+
+from tests.conftest import write_bible_db
 
 from data import sources
 from data.errors import DataError
@@ -27,13 +28,7 @@ VERSES = [
 @pytest.fixture
 def bible_db(tmp_path):
     path = tmp_path / "bible.db"
-    with sqlite3.connect(path) as db:
-        db.execute("CREATE TABLE bible (id INTEGER NOT NULL, bbName TEXT NOT NULL, "
-                   "bNumber INTEGER NOT NULL, cNumber INTEGER NOT NULL, "
-                   "vNumber INTEGER NOT NULL, vText TEXT NOT NULL)")
-        db.executemany("INSERT INTO bible VALUES (?, ?, ?, ?, ?, ?)",
-                       [(i, *row) for i, row in enumerate(VERSES)])
-    return str(path)
+    return write_bible_db(path, VERSES)
 
 
 def test_read_bible_verses_orders_and_fixes_apostrophes(bible_db):

@@ -4,10 +4,11 @@ import json
 import os
 import random
 import re
-import sqlite3
 
 import numpy as np
 import pytest
+
+from tests.conftest import write_bible_db
 
 from data import squad
 from data import tokenizer as tok
@@ -435,14 +436,8 @@ def bible_db(tmp_path):
     path = tmp_path / "bible.db"
     french = [(1, 11, 1, "Térah engendra Abram, Nachor et Haran."),
               (8, 4, 1, "Boaz engendra Obed.")]
-    with sqlite3.connect(path) as db:
-        db.execute("CREATE TABLE bible (id INTEGER NOT NULL, bbName TEXT NOT NULL, "
-                   "bNumber INTEGER NOT NULL, cNumber INTEGER NOT NULL, "
-                   "vNumber INTEGER NOT NULL, vText TEXT NOT NULL)")
-        db.executemany("INSERT INTO bible VALUES (?, ?, ?, ?, ?, ?)",
-                       [(i, version, *row) for i, (version, row) in enumerate(
-                           [("4", row) for row in VERSES] + [("l", row) for row in french])])
-    return str(path)
+    return write_bible_db(path, [("4", *row) for row in VERSES] +
+                          [("l", *row) for row in french])
 
 
 def test_bible_squad_questions_answers_and_splits(bible_db):

@@ -2,11 +2,13 @@
 
 import math
 import random
-import sqlite3
 
 import numpy as np
 import pytest
+
 import sacrebleu
+
+from tests.conftest import write_bible_db
 
 from data import tokenizer as tok
 from data import translation
@@ -34,13 +36,7 @@ VERSES = [
 @pytest.fixture
 def bible_db(tmp_path):
     path = tmp_path / "bible.db"
-    with sqlite3.connect(path) as db:
-        db.execute("CREATE TABLE bible (id INTEGER NOT NULL, bbName TEXT NOT NULL, "
-                   "bNumber INTEGER NOT NULL, cNumber INTEGER NOT NULL, "
-                   "vNumber INTEGER NOT NULL, vText TEXT NOT NULL)")
-        db.executemany("INSERT INTO bible VALUES (?, ?, ?, ?, ?, ?)",
-                       [(i, *row) for i, row in enumerate(VERSES)])
-    return str(path)
+    return write_bible_db(path, VERSES)
 
 
 ENGLISH = "the king went to city and people said river was dark light came over land".split()

@@ -1,4 +1,5 @@
-"""Data, FSDP and tensor parallelism: same loss as one device, and per-device memory ~ 1/N."""
+"""Data, FSDP and tensor parallelism for all three families: same loss as one device, and
+per-device memory ~ 1/N."""
 import flax.linen as nn
 import jax
 import numpy as np
@@ -6,10 +7,12 @@ import pytest
 
 from experiments import bert as bert_experiment
 from experiments import gpt as gpt_experiment
+from experiments import transformer as transformer_experiment
 from train import loop, memory, optim, sharding
-from train.tasks import lm, mlm_nsp
+from train.tasks import lm, mlm_nsp, seq2seq
 
-FAMILIES = {"gpt": (gpt_experiment, lm), "bert": (bert_experiment, mlm_nsp)}
+FAMILIES = {"gpt": (gpt_experiment, lm), "bert": (bert_experiment, mlm_nsp),
+            "transformer": (transformer_experiment, seq2seq)}
 STRATEGIES = {"fsdp": {"data": 1, "fsdp": 8, "tensor": 1},
               "tensor": {"data": 4, "fsdp": 1, "tensor": 2}}
 
@@ -25,7 +28,7 @@ def _first_loss(config, task, devices):
     """Loss of one real train step of the smoke model on a fixed batch."""
     mesh, rules = sharding.make_mesh(config.mesh, devices), sharding.rules_from_config(config)
     model = task.build_model(config)
-    tx, schedule = optim.make_optimizer(config.opt, config.num_train_steps)
+    tx, schedule = optim.make_optimizer(config.opt, config.num_train_steps, config.model.d_model)
     _, state_sh, init_fn = loop.create_state_fns(task, config, model, tx, mesh, rules)
     batch_sh = sharding.batch_sharding(mesh, rules)
     batch = task.bench_batch(config)
