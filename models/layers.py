@@ -55,12 +55,13 @@ def make_attention_mask(q_segment_BL=None, kv_segment_BS=None, *, causal=False, 
 
 
 def reference_attention(q_BLHK, k_BSHK, v_BSHK, mask_B1LS=None, dropout_fn=None,
-                        heads_first_kv=False):
+                        heads_first_kv=False, weights_fn=None):
     """softmax(Q K^T / sqrt(d_k) + M) V per head, written out (sec. 3.2.1).
 
     The 1/sqrt(d_k) keeps the dot products' variance near 1 so the softmax does not saturate.
     The softmax runs in float32 whatever the compute dtype. With `heads_first_kv` the keys and
-    values are laid out B,H,S,K (the KV cache's layout).
+    values are laid out B,H,S,K (the KV cache's layout). `weights_fn` sees the attention
+    weights B,H,L,S (experiments/attention.py records them for its heatmaps).
     """
     kv = "bhsk" if heads_first_kv else "bshk"
     scale = 1.0 / np.sqrt(q_BLHK.shape[-1])
@@ -71,6 +72,8 @@ def reference_attention(q_BLHK, k_BSHK, v_BSHK, mask_B1LS=None, dropout_fn=None,
         # A large finite negative rather than -inf: a fully masked (padding) row stays finite.
         logits_BHLS = jnp.where(mask_B1LS, logits_BHLS, jnp.finfo(jnp.float32).min)
     weights_BHLS = jax.nn.softmax(logits_BHLS, axis=-1).astype(v_BSHK.dtype)
+    if weights_fn is not None:
+        weights_fn(weights_BHLS)
     if dropout_fn is not None:
         weights_BHLS = dropout_fn(weights_BHLS)
     return jnp.einsum(f"bhls,{kv}->blhk", weights_BHLS, v_BSHK)
@@ -178,7 +181,10 @@ class MultiHeadAttention(nn.Module):
         dropout_fn = None
         if attn_dropout:  # dropout on the attention weights needs the explicit path
             dropout_fn = lambda w: nn.Dropout(self.dropout_rate)(w, deterministic=False)
-        return reference_attention(q_BLHK, k_BSHK, v_BSHK, mask_B1LS, dropout_fn)
+        # Recorded only when the caller makes "intermediates" mutable (attention maps).
+        return reference_attention(q_BLHK, k_BSHK, v_BSHK, mask_B1LS, dropout_fn,
+                                   weights_fn=lambda w: self.sow("intermediates",
+                                                                 "attention_weights", w))
 
     def _cached_attention(self, q_BLHK, k_BLHK, v_BLHK):
         """Incremental causal self-attention: appends the new keys/values to the cache and

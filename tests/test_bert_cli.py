@@ -200,3 +200,10 @@ def test_load_run_restores_what_was_trained(pretrained):
     config, tokenizer, params, task = tasks.load_run(str(pretrained))
     assert task.__name__ == "train.tasks.mlm_nsp" and tokenizer.vocab_size <= 512
     assert config.model.family == "bert" and params["mlm_bias"].shape == (512,)
+
+
+def test_attention_maps_for_bert(pretrained, tmp_path):
+    run("experiments.attention", f"--workdir={pretrained}", "--text=the king went",
+        f"--out={tmp_path}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["self_layer_0.png",
+                                                           "self_layer_1.png"]

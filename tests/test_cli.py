@@ -168,3 +168,9 @@ def test_impossible_mesh_is_refused_before_any_work(tmp_path, corpus_file):
     proc = train(tmp_path / "run", corpus_file, "--config.mesh.fsdp=3", check=False)
     _assert_clear_error(proc, "config.mesh", "devices")
     assert not (tmp_path / "run" / "tokenizer.model").exists()
+
+
+def test_attention_maps_for_gpt(trained_run, tmp_path):
+    run("experiments.attention", f"--workdir={trained_run}", "--text=The king",
+        f"--out={tmp_path}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["self_h_0.png", "self_h_1.png"]

@@ -92,3 +92,11 @@ def test_label_smoothed_loss_by_hand():
     # smoothed = 0.9 log 2 + 0.1 * 2.25 log 2 = 1.125 log 2.
     assert float(loss_sum) == pytest.approx(1.125 * np.log(2), rel=1e-6)
     assert float(sums["nll_sum"]) == pytest.approx(np.log(2), rel=1e-6)
+
+
+def test_attention_maps_for_a_translation_and_the_positions_plot(tsv_run, tmp_path):
+    out = run("experiments.attention", f"--workdir={tsv_run}", "--text=the king went",
+              f"--out={tmp_path / 'maps'}", f"--positions={tmp_path / 'pe.png'}").stdout
+    written = sorted(p.name for p in (tmp_path / "maps").iterdir())
+    assert written == ["encoder-decoder_layer_0.png", "encoder-decoder_layer_1.png"], out
+    assert (tmp_path / "pe.png").stat().st_size > 1000

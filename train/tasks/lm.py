@@ -18,9 +18,9 @@ from models import gpt
 from train import multihost
 
 
-def build_model(config, *, decode=False) -> gpt.GPT:
-    """The GPT of `config.model` (decode=True gives the KV-cache variant for sampling)."""
-    return gpt.GPT(gpt.GPTConfig.from_config(config.model, decode=decode))
+def build_model(config, **overrides) -> gpt.GPT:
+    """The GPT of `config.model`; overrides such as decode=True (the KV-cache variant)."""
+    return gpt.GPT(gpt.GPTConfig.from_config(config.model, **overrides))
 
 
 def flops_per_token(config) -> float:
