@@ -9,6 +9,7 @@ a different vector in each sentence. It prints the cosine similarity of the word
 sentences (default: "light" as brightness and as "not heavy"), next to the same table for the
 static token-embedding lookup, which is 1.0 everywhere because the lookup ignores context.
 """
+import os
 import re
 import sys
 
@@ -81,6 +82,9 @@ def main(argv):
     try:
         if not texts:
             raise DataError("pass --text=... (repeatable), or --word=... for the demo")
+        if FLAGS.output and os.path.exists(FLAGS.output):
+            raise DataError(f"--output={FLAGS.output} exists; pick a new file name (nothing "
+                            "already saved is overwritten)")
         config, tokenizer, params, _ = tasks.load_run(FLAGS.workdir, families=("bert",))
         results = [embed(config, params, tokenizer, t) for t in texts]
     except (DataError, checkpoint.CheckpointMismatchError) as e:

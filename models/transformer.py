@@ -114,7 +114,13 @@ class Decoder(nn.Module):
     def __call__(self, y_BLD, encoded_BSD, src_segment_BS, tgt_segment_BL, deterministic=True,
                  cross_kv=None, project_only=False):
         cfg = self.config
-        blocks = [DecoderBlock(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+        block_cls = DecoderBlock
+        if cfg.remat != "none" and not project_only:
+            # As in layers.self_attention_stack: deterministic (argument 5, counting self)
+            # picks code paths, so it stays static; parameter names are unchanged.
+            block_cls = nn.remat(DecoderBlock, policy=layers.REMAT_POLICIES[cfg.remat],
+                                 static_argnums=(5,))
+        blocks = [block_cls(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
         if project_only:
             return [b(None, encoded_BSD, None, None, project_only=True) for b in blocks]
         for i, block in enumerate(blocks):

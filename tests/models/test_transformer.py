@@ -92,3 +92,32 @@ def test_every_parameter_has_logical_axis_names():
         jax.random.key(0), jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32)))["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+
+
+def _loss_and_grads(config, params, src, tgt):
+    model = tf.Transformer(config)
+
+    def loss(p):
+        logits = model.apply({"params": p}, src, tgt[:, :-1]).astype(jnp.float32)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tgt[:, 1:, None], -1))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_remat_gives_the_same_loss_and_gradients(params, remat):
+    src = jax.random.randint(jax.random.key(9), (2, 7), 4, 53)
+    tgt = jax.random.randint(jax.random.key(10), (2, 9), 4, 53)
+    loss, grads = _loss_and_grads(SMALL, params, src, tgt)
+    loss_r, grads_r = _loss_and_grads(dataclasses.replace(SMALL, remat=remat), params, src, tgt)
+    assert float(loss_r) == pytest.approx(float(loss), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_r, grads)
+
+
+def test_bf16_compute_tracks_fp32(params):
+    src = jax.random.randint(jax.random.key(11), (2, 7), 4, 53)
+    tgt = jax.random.randint(jax.random.key(12), (2, 9), 4, 53)
+    loss, _ = _loss_and_grads(SMALL, params, src, tgt)
+    loss_bf16, grads = _loss_and_grads(dataclasses.replace(SMALL, dtype="bfloat16"), params,
+                                       src, tgt)
+    assert float(loss_bf16) == pytest.approx(float(loss), rel=1e-2)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))  # fp32 master weights
