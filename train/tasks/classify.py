@@ -22,9 +22,9 @@ init_params = mlm_nsp.init_finetune_params
 def read_examples(config):
     """(train, eval) examples: the Bible testament demo, or the user's TSV/JSONL files."""
     d = config.data
-    if d.source == "bible" or d.source.endswith(".db"):
-        db = sources.fetch_bible_db(d.cache_dir or None) if d.source == "bible" else d.source
-        return finetune.bible_classification(str(db), d.bible_version)
+    db = sources.bible_db(d.source, d.cache_dir or None)
+    if db is not None:
+        return finetune.bible_classification(db, d.bible_version)
     if not d.eval_source:
         raise DataError("set --config.data.eval_source to a labelled TSV/JSONL dev file (the "
                         "train file is --config.data.source)")

@@ -6,7 +6,6 @@ number of masked tokens), so the NSP sum is scaled by masked tokens per row to g
 sum of the two means. Also here: restoring a pretrained encoder for fine-tuning
 (`load_pretrained`), used by the classification and span-QA tasks.
 """
-import json
 import os
 import shutil
 import sys
@@ -21,7 +20,7 @@ from data import bert_pretrain, sources
 from data import lm as lm_data
 from data.errors import DataError
 from models import bert
-from train import checkpoint, loop, multihost
+from train import checkpoint, loop, multihost, tasks
 from train.tasks import lm
 
 # The encoder's shape: a fine-tuning config must agree with its pretraining run on these.
@@ -181,13 +180,9 @@ def bench_batch(config):
 
 def pretraining_config(init_from: str) -> ml_collections.ConfigDict:
     """The config.json of a pretraining run folder."""
-    path = os.path.join(init_from, "config.json")
-    if not os.path.exists(path):
-        raise DataError(f"--config.init_from={init_from} is not a run folder (no config.json); "
-                        "pretrain first: python -m train.main --config=experiments/bert.py:tiny "
-                        f"--workdir={init_from}")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return tasks.read_run_config(
+        init_from, "it is --config.init_from; pretrain first: python -m train.main "
+                   f"--config=experiments/bert.py:tiny --workdir={init_from}")
 
 
 def check_pretrained(config) -> ml_collections.ConfigDict:

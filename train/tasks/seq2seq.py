@@ -36,9 +36,9 @@ def read_pairs(config):
         make = functools.partial(translation.synthetic_pairs, d.source)
         return make(d.num_synthetic, seed=config.seed), make(max(d.eval_sentences, 64),
                                                              seed=config.seed + 1)
-    if d.source == "bible" or d.source.endswith(".db"):
-        db = sources.fetch_bible_db(d.cache_dir or None) if d.source == "bible" else d.source
-        train, dev, _ = translation.bible_pairs(str(db), d.source_version, d.target_version)
+    db = sources.bible_db(d.source, d.cache_dir or None)
+    if db is not None:
+        train, dev, _ = translation.bible_pairs(db, d.source_version, d.target_version)
         return train, dev
     if not d.eval_source:
         raise DataError("set --config.data.eval_source to a dev TSV (source<TAB>target); the "

@@ -31,12 +31,12 @@ THRESHOLD_FILE = "null_threshold.json"
 def read_examples(config, workdir):
     """(train, eval) QAExamples: the Bible demo set (written to the workdir) or SQuAD files."""
     d = config.data
-    if d.source == "bible" or d.source.endswith(".db"):
-        db = sources.fetch_bible_db(d.cache_dir or None) if d.source == "bible" else d.source
+    db = sources.bible_db(d.source, d.cache_dir or None)
+    if db is not None:
         paths = [os.path.join(workdir, f"bible_squad_{split}.json") for split in ("train", "dev")]
 
         def write_splits():
-            for path, split in zip(paths, squad.bible_squad(str(db), d.bible_version)):
+            for path, split in zip(paths, squad.bible_squad(db, d.bible_version)):
                 with open(path, "w", encoding="utf-8") as f:
                     json.dump(split, f)
 
