@@ -46,7 +46,10 @@ class GPT(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic=True):
+    def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic=True,
+                 hidden_only=False):
+        """Logits B,L,V; with `hidden_only`, the final hidden states B,L,D before the tied output
+        layer (training fuses that layer with its loss: train/losses.py)."""
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         if cfg.decode:
@@ -66,6 +69,8 @@ class GPT(nn.Module):
             dropout_rate=cfg.dropout_rate, attention_dropout_rate=cfg.attention_dropout_rate,
             implementation=cfg.attention, decode=cfg.decode, **kw)
         x_BLD = layers.layer_norm("ln_f", **kw)(x_BLD)
+        if hidden_only:
+            return x_BLD
         return wte.attend(x_BLD)  # tied output projection, logits_BLV in the compute dtype
 
     def _decode_positions(self, tokens_BL):

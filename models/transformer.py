@@ -160,24 +160,27 @@ class Transformer(nn.Module):
                             src_segment_BS, deterministic)
 
     def decode(self, tgt_in_BL, encoded_BSD, src_segment_BS, tgt_segment_BL=None,
-               tgt_positions_BL=None, deterministic=True, cross_kv=None):
-        """Logits B,L,V of the next target token at each position (tied output layer)."""
+               tgt_positions_BL=None, deterministic=True, cross_kv=None, hidden_only=False):
+        """Logits B,L,V of the next target token at each position (tied output layer); with
+        `hidden_only`, the decoder's output B,L,D before that layer (train/losses.py fuses
+        the layer with the loss)."""
         y_BLD = self.decoder(self._embed(tgt_in_BL, tgt_positions_BL, deterministic),
                              encoded_BSD, src_segment_BS, tgt_segment_BL, deterministic,
                              cross_kv=cross_kv)
-        return self.embed.attend(y_BLD)
+        return y_BLD if hidden_only else self.embed.attend(y_BLD)
 
     def project_cross(self, encoded_BSD):
         """Per decoder layer, the encoder-decoder attention keys and values (computed once)."""
         return self.decoder(None, encoded_BSD, None, None, project_only=True)
 
     def __call__(self, src_BS, tgt_in_BL, src_segment_BS=None, tgt_segment_BL=None,
-                 src_positions_BS=None, tgt_positions_BL=None, deterministic=True):
+                 src_positions_BS=None, tgt_positions_BL=None, deterministic=True,
+                 hidden_only=False):
         if src_segment_BS is None:
             src_segment_BS = (src_BS != 0).astype(jnp.int32)
         encoded_BSD = self.encode(src_BS, src_segment_BS, src_positions_BS, deterministic)
         return self.decode(tgt_in_BL, encoded_BSD, src_segment_BS, tgt_segment_BL,
-                           tgt_positions_BL, deterministic)
+                           tgt_positions_BL, deterministic, hidden_only=hidden_only)
 
 
 def count_params(config: TransformerConfig) -> int:

@@ -9,13 +9,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
 
 from data import lm as lm_data
 from data import sources, tokenizer as tok
 from data.errors import DataError
 from models import gpt
-from train import multihost
+from train import losses, multihost
 
 
 def build_model(config, **overrides) -> gpt.GPT:
@@ -66,13 +66,14 @@ def prepare_data(config, workdir) -> dict:
 
 def loss_fn(params, batch, rng, *, model, train):
     """Summed next-token cross-entropy over positions with weight 1, plus metric sums."""
-    logits_BLV = model.apply(
+    x_BLD = model.apply(
         {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-        deterministic=not train, rngs={"dropout": rng} if train else None)
-    logits_BLV = logits_BLV.astype(jnp.float32)  # the softmax and loss always run in fp32
-    nll_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
+        deterministic=not train, rngs={"dropout": rng} if train else None, hidden_only=True)
+    # The tied output layer and the softmax cross-entropy as one op (fp32 logits and loss).
+    _, nll_BL, correct_BL = losses.tied_cross_entropy(x_BLD, params["wte"]["embedding"],
+                                                      batch["targets"])
     weights_BL = batch["weights"]
-    correct_BL = (jnp.argmax(logits_BLV, -1) == batch["targets"]) * weights_BL
+    correct_BL = correct_BL * weights_BL
     loss_sum = jnp.sum(nll_BL * weights_BL)
     return loss_sum, {"loss_sum": loss_sum, "weight_sum": jnp.sum(weights_BL),
                       "correct_sum": jnp.sum(correct_BL)}

@@ -17,6 +17,7 @@ from data import sources, translation
 from data import tokenizer as tok
 from data.errors import DataError
 from models import transformer as tf
+from train import losses
 from train.tasks import lm
 
 
@@ -69,19 +70,18 @@ def prepare_data(config, workdir) -> dict:
 
 def loss_fn(params, batch, rng, *, model, train):
     """Label-smoothed cross-entropy summed over target tokens, plus metric sums."""
-    logits_BLV = model.apply(
+    y_BLD = model.apply(
         {"params": params}, batch["inputs"], batch["decoder_inputs"],
         batch["input_segment_ids"], batch["target_segment_ids"], batch["input_positions"],
         batch["target_positions"], deterministic=not train,
-        rngs={"dropout": rng} if train else None).astype(jnp.float32)
-    eps = model.config.label_smoothing
-    log_p = jax.nn.log_softmax(logits_BLV)
-    nll_BL = -jnp.take_along_axis(log_p, batch["targets"][..., None], -1)[..., 0]
-    # -sum_v q(v) log p(v) with q = (1 - eps) one_hot + eps / V.
-    smoothed_BL = (1.0 - eps) * nll_BL - eps * jnp.mean(log_p, axis=-1)
+        rngs={"dropout": rng} if train else None, hidden_only=True)
+    # -sum_v q(v) log p(v) with q = (1 - eps) one_hot + eps / V, fused with the tied output
+    # layer (train/losses.py).
+    smoothed_BL, nll_BL, correct_BL = losses.tied_cross_entropy(
+        y_BLD, params["embed"]["embedding"], batch["targets"], model.config.label_smoothing)
     w_BL = batch["weights"]
     loss_sum = jnp.sum(smoothed_BL * w_BL)
-    correct = (jnp.argmax(logits_BLV, -1) == batch["targets"]) * w_BL
+    correct = correct_BL * w_BL
     return loss_sum, {"loss_sum": loss_sum, "weight_sum": jnp.sum(w_BL),
                       "nll_sum": jnp.sum(nll_BL * w_BL), "correct_sum": jnp.sum(correct)}
 

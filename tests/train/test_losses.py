@@ -1,0 +1,75 @@
+"""The fused output layer + cross-entropy against the unfused computation it replaces."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from train import losses
+
+
+def _inputs(vocab=37, dim=8):
+    k = jax.random.split(jax.random.key(3), 3)
+    x_BLD = jax.random.normal(k[0], (2, 5, dim))
+    embedding_VD = jax.random.normal(k[1], (vocab, dim))
+    targets_BL = jax.random.randint(k[2], (2, 5), 0, vocab)
+    weights_BL = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], jnp.float32)
+    return x_BLD, embedding_VD, targets_BL, weights_BL
+
+
+def _reference(x_BLD, embedding_VD, targets_BL, eps):
+    """Logits, then optax's cross-entropy against the smoothed one-hot target."""
+    logits_BLV = x_BLD @ embedding_VD.T
+    vocab = logits_BLV.shape[-1]
+    soft_BLV = optax.smooth_labels(jax.nn.one_hot(targets_BL, vocab), eps)
+    smoothed_BL = optax.softmax_cross_entropy(logits_BLV, soft_BLV)
+    nll_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
+    correct_BL = (jnp.argmax(logits_BLV, -1) == targets_BL).astype(jnp.float32)
+    return smoothed_BL, nll_BL, correct_BL
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_values_and_gradients_match_the_unfused_loss(eps):
+    x_BLD, embedding_VD, targets_BL, weights_BL = _inputs()
+    # Make a few targets the argmax so that `correct` is not trivially all zeros.
+    targets_BL = targets_BL.at[0, :2].set(jnp.argmax(x_BLD[0, :2] @ embedding_VD.T, -1))
+
+    def objective(fn):
+        def f(x, e):
+            smoothed, nll, correct = fn(x, e, targets_BL, eps)
+            # Different weights on the two losses exercise both cotangents.
+            return jnp.sum(smoothed * weights_BL) + 0.3 * jnp.sum(nll * weights_BL), correct
+        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+
+    (ours, ours_correct), ours_grads = jax.jit(objective(losses.tied_cross_entropy))(
+        x_BLD, embedding_VD)
+    (ref, ref_correct), ref_grads = objective(_reference)(x_BLD, embedding_VD)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)
+    np.testing.assert_array_equal(ours_correct, ref_correct)
+    assert ref_correct.sum() >= 2
+    for g, r in zip(ours_grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_smoothed_loss_by_hand():
+    """Two tokens, logits (0, log 3): p = (1/4, 3/4); target 1, eps 0.2 gives
+    q = (0.1, 0.9): loss = -(0.1 log 1/4 + 0.9 log 3/4)."""
+    x = jnp.array([[[1.0]]])
+    embedding = jnp.array([[0.0], [np.log(3.0)]])
+    smoothed, nll, correct = losses.tied_cross_entropy(x, embedding, jnp.array([[1]]), 0.2)
+    np.testing.assert_allclose(smoothed, [[-(0.1 * np.log(0.25) + 0.9 * np.log(0.75))]],
+                               rtol=1e-6)
+    np.testing.assert_allclose(nll, [[-np.log(0.75)]], rtol=1e-6)
+    assert correct.tolist() == [[1.0]]
+
+
+def test_bfloat16_inputs_give_float32_losses_and_input_dtype_gradients():
+    x_BLD, embedding_VD, targets_BL, _ = _inputs()
+    x16 = x_BLD.astype(jnp.bfloat16)
+    smoothed, _, _ = losses.tied_cross_entropy(x16, embedding_VD, targets_BL, 0.1)
+    assert smoothed.dtype == jnp.float32
+    gx, ge = jax.grad(lambda x, e: jnp.sum(losses.tied_cross_entropy(x, e, targets_BL, 0.1)[0]),
+                      argnums=(0, 1))(x16, embedding_VD)
+    assert gx.dtype == jnp.bfloat16 and ge.dtype == jnp.float32
+    ref = _reference(x_BLD, embedding_VD, targets_BL, 0.1)[0]
+    np.testing.assert_allclose(smoothed, ref, rtol=3e-2)
