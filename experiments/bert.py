@@ -59,6 +59,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.log_every_steps = 100
     c.checkpoint_every_steps = 10_000
     c.keep_checkpoints = 3
+    c.average_checkpoints = 0  # >1: evaluate the mean of the last N checkpoints at the end
     c.stop_at_step = 0
 
     if arg in ("smoke", "tiny", "mini"):

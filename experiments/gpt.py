@@ -56,6 +56,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3
+    c.average_checkpoints = 0  # >1: evaluate the mean of the last N checkpoints at the end
     c.stop_at_step = 0  # >0: save and exit after this step, as on SIGTERM (preemption drills)
 
     if arg == "smoke":

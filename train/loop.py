@@ -119,6 +119,11 @@ def _train_metrics(step_sums, summarize, steps_per_sec, tokens_per_step, step_se
 
 def train_and_evaluate(config, workdir: str, task) -> dict:
     """Trains `task` as configured; returns the final eval metrics."""
+    averaged = config.get("average_checkpoints", 0)
+    if averaged > config.keep_checkpoints:
+        raise sharding.ConfigError(
+            f"config.average_checkpoints={averaged} needs config.keep_checkpoints >= {averaged} "
+            f"(now {config.keep_checkpoints}): raise keep_checkpoints or average fewer")
     os.makedirs(workdir, exist_ok=True)
     checkpoint.check_resume_config(config, workdir)
     mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config)
@@ -156,11 +161,11 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
                             in_shardings=(state_shardings.params, batch_shard),
                             out_shardings=repl)
         return _run(config, workdir, task, data, state, train_iter, train_step, eval_step, ckpt,
-                    batch_shard, jax.random.fold_in(rng, 1), num_params)
+                    batch_shard, jax.random.fold_in(rng, 1), num_params, abstract)
 
 
 def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, ckpt,
-         batch_shard, dropout_rng, num_params):
+         batch_shard, dropout_rng, num_params, abstract):
     """The step loop: train, log, evaluate, checkpoint; saves on SIGTERM and at the end."""
     first_step = int(jax.device_get(state.step))
     summarize = getattr(task, "summarize", metrics_lib.summarize)
@@ -205,10 +210,8 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
                               tok_s=train_metrics.get("tokens_per_sec", 0.0))
                 pending = []
             if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-                final = evaluate(eval_step, state, data["eval_rows"], config, batch_shard,
-                                 summarize)
-                if hasattr(task, "evaluate_predictions"):  # e.g. SQuAD EM/F1 over answers
-                    final.update(task.evaluate_predictions(state.params, data, config, workdir))
+                final = _eval_all(eval_step, state, data, config, workdir, task, batch_shard,
+                                  summarize)
                 final["wall_time"] = wall0 + time.time() - run_start
                 writer.write(step, "eval", final)
                 bar.write(f"step {step}: eval " + " ".join(
@@ -222,8 +225,11 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
                       force=step == config.num_train_steps or stop["signal"])
         if stop["signal"]:
             bar.write(f"stopped early: saved a checkpoint at step {step}; rerun to resume")
-        elif final and hasattr(task, "final_report"):
-            bar.write(task.final_report(final, data["info"]))
+        elif final:
+            if hasattr(task, "final_report"):
+                bar.write(task.final_report(final, data["info"]))
+            final = _finish(config, workdir, task, data, state, ckpt, abstract, eval_step,
+                            batch_shard, summarize, writer, bar.write, step, final)
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
@@ -233,8 +239,48 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
     return final
 
 
-def restore_params(config, workdir: str, task):
-    """(params, step) of the latest checkpoint in `workdir`, on the local devices."""
+def _eval_all(eval_step, state, data, config, workdir, task, batch_shard, summarize):
+    """The eval split's loss metrics, plus the task's prediction metrics (BLEU, EM/F1)."""
+    metrics = evaluate(eval_step, state, data["eval_rows"], config, batch_shard, summarize)
+    if hasattr(task, "evaluate_predictions"):
+        metrics.update(task.evaluate_predictions(state.params, data, config, workdir))
+    return metrics
+
+
+def _finish(config, workdir, task, data, state, ckpt, abstract, eval_step, batch_shard,
+            summarize, writer, log, step, final):
+    """After the last step: checkpoint averaging (if configured), then the test split.
+
+    Returns `final` with the averaged model's metrics as `averaged_*` and the test split's as
+    `test_*`; both are also written to metrics.jsonl (splits "averaged" and "test").
+    """
+    num = config.get("average_checkpoints", 0)
+    if num > 1:
+        ckpt.wait()  # the final save is asynchronous
+        params, steps = ckpt.average_params(abstract, num)
+        state = state.replace(params=params)
+        averaged = _eval_all(eval_step, state, data, config, workdir, task,
+                             batch_shard, summarize)
+        writer.write(step, "averaged", dict(averaged, checkpoints=len(steps)))
+        log(f"averaged the last {len(steps)} checkpoints (steps {steps[0]}..{steps[-1]}): "
+            + (task.final_report(averaged, data["info"]) if hasattr(task, "final_report")
+               else f"eval loss {averaged['loss']:.4f}"))
+        final = dict(final, **{f"averaged_{k}": v for k, v in averaged.items()})
+    if hasattr(task, "evaluate_test"):
+        test = task.evaluate_test(state.params, data, config)
+        if test:
+            writer.write(step, "test", test)
+            log(task.test_report(test, averaged=num > 1))
+            final = dict(final, **{f"test_{k}": v for k, v in test.items()})
+    return final
+
+
+def restore_params(config, workdir: str, task, average=None):
+    """(params, step) of the latest checkpoint in `workdir`, on the local devices.
+
+    With `average` (default: the run's config.average_checkpoints) above 1, the params are
+    the mean of the last `average` checkpoints, as at the end of its training.
+    """
     ckpt = checkpoint.Checkpointer(workdir, async_save=False, read_only=True)
     if ckpt.latest_step() is None:
         raise checkpoint.CheckpointMismatchError(
@@ -245,5 +291,7 @@ def restore_params(config, workdir: str, task):
     tx, _ = optim.make_optimizer(config.opt, config.num_train_steps, config.model.d_model)
     abstract, _, _ = create_state_fns(task, config, model, tx, mesh, rules)
     state, _ = ckpt.restore(abstract)
+    average = config.get("average_checkpoints", 0) if average is None else average
+    params = ckpt.average_params(abstract, average)[0] if average > 1 else state.params
     ckpt.close()
-    return state.params, int(state.step)
+    return params, int(state.step)

@@ -31,20 +31,22 @@ def flops_per_token(config) -> float:
 
 
 def read_pairs(config):
-    """(train, dev) sentence pairs: the Bible, a synthetic task, or the user's files."""
+    """(train, dev, test) sentence pairs: the Bible, a synthetic task, or the user's files
+    (test only when config.data.test_source names one)."""
     d = config.data
     if d.source in ("copy", "reverse"):
         make = functools.partial(translation.synthetic_pairs, d.source)
-        return make(d.num_synthetic, seed=config.seed), make(max(d.eval_sentences, 64),
-                                                             seed=config.seed + 1)
+        held_out = max(d.eval_sentences, 64)
+        return (make(d.num_synthetic, seed=config.seed), make(held_out, seed=config.seed + 1),
+                make(held_out, seed=config.seed + 2))
     db = sources.bible_db(d.source, d.cache_dir or None)
     if db is not None:
-        train, dev, _ = translation.bible_pairs(db, d.source_version, d.target_version)
-        return train, dev
+        return translation.bible_pairs(db, d.source_version, d.target_version)
     if not d.eval_source:
         raise DataError("set --config.data.eval_source to a dev TSV (source<TAB>target); the "
                         "training file is --config.data.source")
-    return translation.read_parallel(d.source), translation.read_parallel(d.eval_source)
+    test = translation.read_parallel(d.test_source) if d.get("test_source") else []
+    return translation.read_parallel(d.source), translation.read_parallel(d.eval_source), test
 
 
 def prepare_data(config, workdir) -> dict:
@@ -53,7 +55,7 @@ def prepare_data(config, workdir) -> dict:
     if d.max_len > config.model.max_len:
         raise DataError(f"config.data.max_len={d.max_len} exceeds config.model.max_len="
                         f"{config.model.max_len}; lower one or raise the other")
-    train_pairs, dev_pairs = read_pairs(config)
+    train_pairs, dev_pairs, test_pairs = read_pairs(config)
     tokenizer = lm.load_or_train_tokenizer(
         config, workdir, [s for pair in train_pairs for s in pair])
     src, tgt, dropped = translation.encode_pairs(train_pairs, tokenizer, max_len=d.max_len)
@@ -63,8 +65,9 @@ def prepare_data(config, workdir) -> dict:
         "eval_rows": translation.make_rows(dev_src, dev_tgt, max_len=d.max_len, pack=False),
         "tokenizer": tokenizer,
         "bleu_pairs": dev_pairs[:d.eval_sentences],
+        "test_pairs": test_pairs,
         "info": {"train_pairs": len(src), "dropped_as_too_long": dropped,
-                 "dev_pairs": len(dev_src)},
+                 "dev_pairs": len(dev_src), "test_pairs": len(test_pairs)},
     }
 
 
@@ -124,16 +127,35 @@ def make_translate_fn(config, beam_size=None, alpha=None):
         bos_id=tok.BOS_ID, eos_id=tok.EOS_ID))
 
 
-def evaluate_predictions(params, data, config, workdir) -> dict:
-    """BLEU (sacrebleu, detokenised) and exact match of beam-search translations of dev."""
+def score_translations(params, pairs, data, config) -> dict:
+    """BLEU (sacrebleu, detokenised) and exact match of beam-search translations of `pairs`."""
     if "translate_fn" not in data:
         data["translate_fn"] = make_translate_fn(config)
-    sources_, references = zip(*data["bleu_pairs"])
+    sources_, references = zip(*pairs)
     hypotheses = translate(params, list(sources_), data["tokenizer"], config,
                            translate_fn=data["translate_fn"])
     exact = np.mean([h.strip() == r.strip() for h, r in zip(hypotheses, references)])
     return {"bleu": translation.sacrebleu_score(hypotheses, list(references)),
             "exact_match": float(100.0 * exact)}
+
+
+def evaluate_predictions(params, data, config, workdir) -> dict:
+    """BLEU and exact match on the first config.data.eval_sentences dev pairs."""
+    return score_translations(params, data["bleu_pairs"], data, config)
+
+
+def evaluate_test(params, data, config) -> dict:
+    """BLEU and exact match on the whole test split, once at the end of training."""
+    if not data["test_pairs"]:
+        return {}
+    return dict(score_translations(params, data["test_pairs"], data, config),
+                sentences=len(data["test_pairs"]))
+
+
+def test_report(test: dict, averaged: bool) -> str:
+    model = "the averaged checkpoints" if averaged else "the last checkpoint"
+    return (f"test ({test['sentences']} sentences, {model}): BLEU {test['bleu']:.2f}, "
+            f"exact match {test['exact_match']:.1f}%")
 
 
 def final_report(final: dict, info: dict) -> str:
