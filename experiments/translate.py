@@ -5,7 +5,9 @@
   python -m experiments.translate --workdir=runs/transformer_tiny --input=in.txt --beam_size=4
 
 Beam search with the paper's settings by default (beam 4, length penalty alpha 0.6, at most the
-source length + 50 tokens); --beam_size=1 is greedy decoding.
+source length + 50 tokens); --beam_size=1 is greedy decoding. A run trained with
+config.average_checkpoints=N translates with the mean of its last N checkpoints, as its final
+test BLEU did (--average=1: the last checkpoint alone).
 """
 import os
 import sys
@@ -21,6 +23,8 @@ flags.DEFINE_string("workdir", None, "A trained translation run folder.", requir
 flags.DEFINE_string("input", "", "A UTF-8 text file, one sentence a line (default: stdin).")
 flags.DEFINE_integer("beam_size", 0, "Beam size (0: the run's config.decode.beam_size).")
 flags.DEFINE_float("alpha", -1.0, "Length penalty (negative: the run's config.decode.alpha).")
+flags.DEFINE_integer("average", -1, "Translate with the mean of the last N checkpoints (1: the "
+                     "last checkpoint alone; negative: the run's config.average_checkpoints).")
 FLAGS = flags.FLAGS
 
 
@@ -47,7 +51,9 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only opens
     try:
         lines = read_lines(FLAGS.input)
-        config, tokenizer, params, _ = tasks.load_run(FLAGS.workdir, families=("transformer",))
+        config, tokenizer, params, _ = tasks.load_run(
+            FLAGS.workdir, families=("transformer",),
+            average=None if FLAGS.average < 0 else FLAGS.average)
         outputs = seq2seq.translate(params, lines, tokenizer, config,
                                     beam_size=FLAGS.beam_size or None,
                                     alpha=None if FLAGS.alpha < 0 else FLAGS.alpha)

@@ -32,6 +32,7 @@ class GPTConfig:
     decode: bool = False  # incremental decoding with a KV cache
     remat: str = "none"  # "none" | "full" | "dots_saveable" (layers.REMAT_POLICIES)
     scan_layers: bool = False  # one scanned block "h" with stacked params, instead of h_0..
+    query_blocks: int = 1  # causal attention in query blocks (layers.MultiHeadAttention)
 
     @classmethod
     def from_config(cls, model_config, **overrides):
@@ -67,7 +68,8 @@ class GPT(nn.Module):
             remat=cfg.remat, scan_layers=cfg.scan_layers, num_heads=cfg.num_heads,
             d_ff=cfg.d_ff, pre_ln=True, causal=True, activation="gelu",
             dropout_rate=cfg.dropout_rate, attention_dropout_rate=cfg.attention_dropout_rate,
-            implementation=cfg.attention, decode=cfg.decode, **kw)
+            implementation=cfg.attention, decode=cfg.decode, query_blocks=cfg.query_blocks,
+            **kw)
         x_BLD = layers.layer_norm("ln_f", **kw)(x_BLD)
         if hidden_only:
             return x_BLD

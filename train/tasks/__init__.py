@@ -35,10 +35,11 @@ def read_run_config(workdir: str, how_to_make_one: str):
         return ml_collections.ConfigDict(json.load(f))
 
 
-def load_run(workdir: str, families=None):
+def load_run(workdir: str, families=None, average=None):
     """(config, tokenizer, params, task) of a trained run folder, restored read-only.
 
-    `families` (e.g. ("bert",)) refuses runs of another model family with a clear error.
+    `families` (e.g. ("bert",)) refuses runs of another model family with a clear error;
+    `average` is loop.restore_params's (default: the run's config.average_checkpoints).
     """
     import os
 
@@ -54,5 +55,5 @@ def load_run(workdir: str, families=None):
                         f"{' or '.join(families)} run folder")
     tokenizer = tok.load_tokenizer(os.path.join(workdir, "tokenizer.model"))
     task = get(config.task)
-    params, _ = loop.restore_params(config, workdir, task)
+    params, _ = loop.restore_params(config, workdir, task, average=average)
     return config, tokenizer, params, task
