@@ -36,8 +36,9 @@ def tied_cross_entropy(x_BLD, embedding_VD, targets_BL, label_smoothing=0.0):
 
 
 def _forward(x_BLD, embedding_VD, targets_BL, eps):
-    logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, embedding_VD.astype(x_BLD.dtype),
-                            preferred_element_type=jnp.float32)
+    # Products in the compute dtype (XLA:CPU has no bf16 x bf16 -> fp32 dot), softmax in fp32.
+    logits_BLV = jnp.einsum("bld,vd->blv", x_BLD,
+                            embedding_VD.astype(x_BLD.dtype)).astype(jnp.float32)
     max_BL = jnp.max(logits_BLV, axis=-1)
     lse_BL = max_BL + jnp.log(jnp.sum(jnp.exp(logits_BLV - max_BL[..., None]), axis=-1))
     target_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
@@ -59,11 +60,9 @@ def _backward(eps, residuals, cotangents):
                    - jnp.where(onehot_BLV, g_onehot_BL[..., None], 0.0)
                    - (eps / vocab) * g_smoothed_BL[..., None])
     dlogits_BLV = dlogits_BLV.astype(x_BLD.dtype)
-    dx_BLD = jnp.einsum("blv,vd->bld", dlogits_BLV, embedding_VD.astype(x_BLD.dtype),
-                        preferred_element_type=jnp.float32).astype(x_BLD.dtype)
+    dx_BLD = jnp.einsum("blv,vd->bld", dlogits_BLV, embedding_VD.astype(x_BLD.dtype))
     # E's gradient as (x^T dlogits)^T: the big operand stays in its row-major layout.
-    dembedding_DV = jnp.einsum("bld,blv->dv", x_BLD, dlogits_BLV,
-                               preferred_element_type=jnp.float32)
+    dembedding_DV = jnp.einsum("bld,blv->dv", x_BLD, dlogits_BLV)
     dtargets = jnp.zeros(targets_BL.shape, jax.dtypes.float0)
     return dx_BLD, dembedding_DV.T.astype(embedding_VD.dtype), dtargets
 

@@ -91,13 +91,15 @@ def test_lm_loss_is_log_vocab_at_uniform_logits():
     config = gpt_experiment.get_config("smoke")
     config.model.vocab_size = 61
 
-    class Uniform(nn.Module):
+    class Uniform(nn.Module):  # zero hidden states: every logit x . e is 0
         @nn.compact
-        def __call__(self, tokens, *args, **kwargs):
-            return jnp.zeros(tokens.shape + (61,))
+        def __call__(self, tokens, *args, hidden_only=False, **kwargs):
+            assert hidden_only
+            return jnp.zeros(tokens.shape + (4,))
 
     batch = lm.init_batch(config, 2)
     batch["weights"] = batch["weights"].at[0, :3].set(0.0)
-    loss_sum, sums = lm.loss_fn({}, batch, None, model=Uniform(), train=False)
+    params = {"wte": {"embedding": jnp.ones((61, 4))}}
+    loss_sum, sums = lm.loss_fn(params, batch, None, model=Uniform(), train=False)
     assert float(sums["weight_sum"]) == 2 * 32 - 3
     assert float(loss_sum) == pytest.approx(np.log(61) * (2 * 32 - 3), rel=1e-5)
