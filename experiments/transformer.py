@@ -2,6 +2,9 @@
 
 Command (the CPU demo: World English Bible -> Louis Segond 1910 French, verse pairs):
   python -m train.main --config=experiments/transformer.py:tiny --workdir=runs/transformer_tiny
+Measured (2-core CPU, 2026-11-26): 4,000 steps (about 45 minutes) give dev BLEU 3.7 and
+test BLEU 2.8 (averaged checkpoints); resumed to 7,000 steps (--config.num_train_steps=7000),
+dev BLEU 8.1 and test BLEU 8.2.
 The sanity task (copy or reverse random symbol strings):
   python -m train.main --config=experiments/transformer.py:smoke --workdir=runs/reverse \
       --config.data.source=reverse
