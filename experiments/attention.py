@@ -39,9 +39,11 @@ FLAGS = flags.FLAGS
 
 def attention_weights(config, params, task, tokenizer, text):
     """(rows' tokens, columns' tokens, {layer name: weights H,rows,cols}, kind)."""
-    model = task.build_model(config, attention="reference")
-    ids = tokenizer.encode(text)
     family = config.model.get("family", "gpt")
+    # The einsum path records the weights; GPT's query blocks would record them per block.
+    overrides = {"query_blocks": 1} if family == "gpt" else {}
+    model = task.build_model(config, attention="reference", **overrides)
+    ids = tokenizer.encode(text)
     if family == "transformer":
         target = seq2seq.translate(params, [text], tokenizer, config)[0]
         src = jnp.asarray([ids[:config.data.max_len - 1] + [tok.EOS_ID]])

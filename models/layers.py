@@ -162,13 +162,19 @@ class MultiHeadAttention(nn.Module):
         length, n = q_BLHK.shape[1], self.query_blocks
         if (causal and n > 1 and kv_segment_ids_BS is None and length == k_BSHK.shape[1]
                 and length % n == 0 and not (self.dropout_rate > 0 and not deterministic)):
-            return self._blocked_causal_attention(q_BLHK, k_BSHK, v_BSHK, segment_ids_BL)
+            return self._blocked_causal_attention(q_BLHK, k_BSHK, v_BSHK, segment_ids_BL,
+                                                  deterministic)
         mask_B1LS = None
         if segment_ids_BL is not None or kv_segment_ids_BS is not None:
             q_seg = segment_ids_BL if segment_ids_BL is not None else jnp.ones(
                 q_BLHK.shape[:2], jnp.int32)
             mask_B1LS = make_attention_mask(q_seg, kv_segment_ids_BS, causal=causal)
-        causal_only = causal and mask_B1LS is None
+        return self._masked_attention(q_BLHK, k_BSHK, v_BSHK, mask_B1LS,
+                                      causal and mask_B1LS is None, deterministic)
+
+    def _masked_attention(self, q_BLHK, k_BSHK, v_BSHK, mask_B1LS, causal_only, deterministic):
+        """The attention core on the configured implementation, with `mask_B1LS` (or a plain
+        causal mask when `causal_only`)."""
         attn_dropout = self.dropout_rate > 0 and not deterministic
         # "fast" lets JAX pick; "xla" / "cudnn" force one (gpu_check times flash on vs off).
         fused = {"fast": None, "xla": "xla", "cudnn": "cudnn"}
@@ -194,7 +200,7 @@ class MultiHeadAttention(nn.Module):
                                    weights_fn=lambda w: self.sow("intermediates",
                                                                  "attention_weights", w))
 
-    def _blocked_causal_attention(self, q_BLHK, k_BLHK, v_BLHK, segment_ids_BL):
+    def _blocked_causal_attention(self, q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, deterministic):
         """Causal self-attention computed per query block against the keys it can see."""
         length = q_BLHK.shape[1]
         size = length // self.query_blocks
@@ -205,15 +211,9 @@ class MultiHeadAttention(nn.Module):
                                                             segment_ids_BL[:, :end])
             mask_B1LS = make_attention_mask(*(segments or ()), causal=True, q_len=size,
                                             kv_len=end, q_offset=i * size)
-            if self.implementation == "reference":
-                z = reference_attention(q_BLHK[:, q], k_BLHK[:, :end], v_BLHK[:, :end],
-                                        mask_B1LS)
-            else:
-                fused = None if self.implementation == "fast" else self.implementation
-                z = jax.nn.dot_product_attention(q_BLHK[:, q], k_BLHK[:, :end],
-                                                 v_BLHK[:, :end], mask=mask_B1LS,
-                                                 implementation=fused)
-            outputs.append(z)
+            outputs.append(self._masked_attention(q_BLHK[:, q], k_BLHK[:, :end],
+                                                  v_BLHK[:, :end], mask_B1LS, False,
+                                                  deterministic))
         return jnp.concatenate(outputs, axis=1)
 
     def _cached_attention(self, q_BLHK, k_BLHK, v_BLHK):

@@ -290,8 +290,12 @@ def restore_params(config, workdir: str, task, average=None):
     model = task.build_model(config)
     tx, _ = optim.make_optimizer(config.opt, config.num_train_steps, config.model.d_model)
     abstract, _, _ = create_state_fns(task, config, model, tx, mesh, rules)
-    state, _ = ckpt.restore(abstract)
     average = config.get("average_checkpoints", 0) if average is None else average
-    params = ckpt.average_params(abstract, average)[0] if average > 1 else state.params
+    if average > 1:  # the mean reads the latest checkpoint too: no separate restore
+        params, steps = ckpt.average_params(abstract, average)
+        step = steps[-1]
+    else:
+        state, _ = ckpt.restore(abstract)
+        params, step = state.params, int(state.step)
     ckpt.close()
-    return params, int(state.step)
+    return params, step
