@@ -6,13 +6,16 @@
   python -m experiments.bench --config=experiments/gpt.py:bench_124m --mesh=data=1,fsdp=2
 
 Training: the real jitted train_step (AdamW, clipping, donated state) of the config's task on a
-random batch of the task's shapes (task.bench_batch; for BERT, 15% of positions masked), timed
-over --steps after --warmup steps. MFU counts non-embedding + attention FLOPs (LM head
-excluded, as for the baselines in README) over the peak of train/metrics.py: a measured fp32
-matmul on CPU, the data-sheet bf16 peak on GPU/TPU. Generation (GPT configs): a 32-token prompt
+random batch of the task's shapes (task.bench_batch; for BERT, 15% of positions masked): the
+median of --steps timed steps after --warmup untimed ones. The median shrugs off a noisy
+neighbour on a shared machine; experiments/bench_reference.py times the baselines the same
+way. MFU counts non-embedding + attention FLOPs (LM head excluded, as for the baselines in
+README) over the peak of train/metrics.py: a measured fp32 matmul on CPU, the data-sheet
+bf16 peak on GPU/TPU. Generation (GPT configs): a 32-token prompt
 continued by 128 tokens with the KV cache, batch 1 and 8, the whole loop in one jitted scan.
 """
 import functools
+import statistics
 import time
 
 import flax.linen as nn
@@ -22,7 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from models import gpt
-from train import loop, memory, metrics as metrics_lib, optim, sharding, tasks
+from train import host, loop, memory, metrics as metrics_lib, optim, sharding, tasks
 from train.tasks import lm
 
 config_flags.DEFINE_config_file("config", None, "Experiment file with a bench preset.",
@@ -74,11 +77,13 @@ def bench_training(config, peak, verbose=True):
         for _ in range(FLAGS.warmup):
             state, m = compiled(state, batch, rng)
         jax.block_until_ready(m)
-        t0 = time.perf_counter()
+        times = []
         for _ in range(FLAGS.steps):
+            t0 = time.perf_counter()
             state, m = compiled(state, batch, rng)
-        jax.block_until_ready(m)
-        seconds = (time.perf_counter() - t0) / FLAGS.steps
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+        seconds = statistics.median(times)
     tps = config.batch_size * config.data.max_len / seconds
     return tps, task.flops_per_token(config) * tps / peak, compile_s
 
@@ -98,6 +103,7 @@ def bench_generation(config, batch_size, **sampling):
 
 def main(argv):
     del argv
+    host.keep_freed_memory()  # as train.main does: CPU steps reuse their memory
     config = FLAGS.config
     if FLAGS.mesh:
         config.mesh.update({k: int(v) for k, v in (p.split("=") for p in FLAGS.mesh.split(","))})

@@ -11,6 +11,7 @@ BertForPreTraining (masked-LM labels on 20 positions a row + next-sentence label
 as in experiments/bert.py.
 """
 import argparse
+import statistics
 import time
 
 import torch
@@ -74,13 +75,16 @@ def main():
 
 
 def time_training(step, args, batch, seq):
-    """Prints training tokens/s of step() over args.steps after 3 untimed steps."""
+    """Prints training tokens/s of step() from the median of args.steps timed steps after 3
+    untimed ones (the median, as experiments/bench.py, shrugs off a noisy neighbour)."""
     for _ in range(3):
         step()
-    start = time.perf_counter()
+    times = []
     for _ in range(args.steps):
+        start = time.perf_counter()
         step()
-    seconds = (time.perf_counter() - start) / args.steps
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
     print(f"train: {batch * seq / seconds:,.0f} tokens/s | torch {torch.__version__} "
           f"{'compiled' if args.compile else 'eager'} | batch {batch} x seq {seq}")
 

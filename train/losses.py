@@ -17,54 +17,124 @@ log-sum-exp; the backward pass forms the logit gradient in one elementwise pass,
 cross-entropy), then two matmuls give the gradients of x and of E. Label smoothing follows
 Szegedy et al. 2016 (sec. 7): the target puts 1 - eps on the reference token and eps / V
 everywhere, so the smoothed loss is (1 - eps) nll + eps (lse - mean(logits)).
+
+Both passes walk the sequence in chunks of `chunk_length` positions (all rows of the batch
+at once), so each chunk's logits and logit gradient are formed, reduced and multiplied while
+they are still in cache instead of streaming the whole B x L x V array through memory
+between separate passes. On a 2-core CPU at GPT bench_small (4,096 tokens, V = 8,192) that
+took the op from 0.45 s to 0.34 s a step (experiments/bench.py). The default chunk keeps
+one chunk's logits within 32 MiB on CPU; on accelerators it is the whole sequence.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+_ROWS_BY_COLUMNS = (((1,), (1,)), ((), ()))  # a @ b.T
+_COLUMNS_BY_COLUMNS = (((0,), (0,)), ((), ()))  # a.T @ b
+# Logits per chunk (batch rows x chunk length x vocab) by platform: 32 MiB of fp32 on CPU
+# (1,024 rows at V = 8,192 measured fastest on this 2-core machine, ahead of 256 and 512).
+_CHUNK_LOGITS = {"cpu": 2 ** 23}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def tied_cross_entropy(x_BLD, embedding_VD, targets_BL, label_smoothing=0.0):
+def default_chunk_length(batch, length, vocab, platform=None):
+    """The largest divisor of `length` whose chunk (batch x chunk x vocab logits) fits the
+    platform's budget; at least 1, and `length` itself off CPU."""
+    budget = _CHUNK_LOGITS.get(platform or jax.default_backend())
+    if budget is None:
+        return length
+    fits = [c for c in range(1, length + 1) if length % c == 0 and batch * c * vocab <= budget]
+    return max(fits, default=1)
+
+
+def tied_cross_entropy(x_BLD, embedding_VD, targets_BL, label_smoothing=0.0,
+                       chunk_length=None):
     """(smoothed loss, cross-entropy, correct) per position for logits = x E^T, in fp32.
 
     `correct` is 1.0 where the target's logit is the largest (the argmax accuracy; an exact
-    tie with another token also counts) and carries no gradient.
+    tie with another token also counts) and carries no gradient. `chunk_length` (a divisor
+    of L; default: default_chunk_length) only changes speed, not the numbers.
     """
-    out, _ = _forward(x_BLD, embedding_VD, targets_BL, label_smoothing)
+    batch, length, _ = x_BLD.shape
+    if chunk_length is None:
+        chunk_length = default_chunk_length(batch, length, embedding_VD.shape[0])
+    if length % chunk_length:
+        raise ValueError(f"chunk_length {chunk_length} does not divide the length {length}")
+    return _tied_cross_entropy(x_BLD, embedding_VD, targets_BL, float(label_smoothing),
+                               chunk_length)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _tied_cross_entropy(x_BLD, embedding_VD, targets_BL, eps, chunk):
+    out, _ = _forward(x_BLD, embedding_VD, targets_BL, eps, chunk)
     return out
 
 
-def _forward(x_BLD, embedding_VD, targets_BL, eps):
+def _chunk(a, i, chunk):
+    """Positions [i * chunk, (i + 1) * chunk) of every row of a (B, L, ...) array, flattened
+    to (B * chunk, ...)."""
+    part = lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)
+    return part.reshape(-1, *a.shape[2:])
+
+
+def _unchunk(stacked, batch):
+    """(K, B * chunk, ...) chunk results back to (B, K * chunk, ...)."""
+    k, n = stacked.shape[:2]
+    parts = stacked.reshape(k, batch, n // batch, *stacked.shape[2:])
+    return jnp.moveaxis(parts, 0, 1).reshape(batch, k * (n // batch), *stacked.shape[2:])
+
+
+def _forward(x_BLD, embedding_VD, targets_BL, eps, chunk):
+    batch, length, _ = x_BLD.shape
     # Products in the compute dtype (XLA:CPU has no bf16 x bf16 -> fp32 dot), softmax in fp32.
-    logits_BLV = jnp.einsum("bld,vd->blv", x_BLD,
-                            embedding_VD.astype(x_BLD.dtype)).astype(jnp.float32)
-    max_BL = jnp.max(logits_BLV, axis=-1)
-    lse_BL = max_BL + jnp.log(jnp.sum(jnp.exp(logits_BLV - max_BL[..., None]), axis=-1))
-    target_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    embedding_VD_c = embedding_VD.astype(x_BLD.dtype)
+
+    def step(_, i):
+        logits_NV = lax.dot_general(_chunk(x_BLD, i, chunk), embedding_VD_c,
+                                    _ROWS_BY_COLUMNS).astype(jnp.float32)
+        max_N = jnp.max(logits_NV, axis=-1)
+        lse_N = max_N + jnp.log(jnp.sum(jnp.exp(logits_NV - max_N[:, None]), axis=-1))
+        target_N = jnp.take_along_axis(logits_NV, _chunk(targets_BL, i, chunk)[:, None],
+                                       axis=-1)[:, 0]
+        return None, (logits_NV, (lse_N, target_N, max_N, jnp.mean(logits_NV, axis=-1)))
+
+    # The logits stay stacked by chunk, (K, B * chunk, V): the backward pass walks them in
+    # the same order, so they are never laid out as (B, L, V).
+    _, (logits_KNV, stats) = lax.scan(step, None, jnp.arange(length // chunk))
+    lse_BL, target_BL, max_BL, mean_BL = (_unchunk(s, batch) for s in stats)
     nll_BL = lse_BL - target_BL
-    smoothed_BL = (1.0 - eps) * nll_BL + eps * (lse_BL - jnp.mean(logits_BLV, axis=-1))
+    smoothed_BL = (1.0 - eps) * nll_BL + eps * (lse_BL - mean_BL)
     correct_BL = (target_BL >= max_BL).astype(jnp.float32)
-    return (smoothed_BL, nll_BL, correct_BL), (x_BLD, embedding_VD, targets_BL, logits_BLV,
+    return (smoothed_BL, nll_BL, correct_BL), (x_BLD, embedding_VD, targets_BL, logits_KNV,
                                                lse_BL)
 
 
-def _backward(eps, residuals, cotangents):
-    x_BLD, embedding_VD, targets_BL, logits_BLV, lse_BL = residuals
+def _backward(eps, chunk, residuals, cotangents):
+    x_BLD, embedding_VD, targets_BL, logits_KNV, lse_BL = residuals
     g_smoothed_BL, g_nll_BL, _ = cotangents
-    vocab = logits_BLV.shape[-1]
-    p_BLV = jnp.exp(logits_BLV - lse_BL[..., None])
-    onehot_BLV = jnp.arange(vocab, dtype=targets_BL.dtype) == targets_BL[..., None]
-    g_onehot_BL = (1.0 - eps) * g_smoothed_BL + g_nll_BL
-    dlogits_BLV = ((g_smoothed_BL + g_nll_BL)[..., None] * p_BLV
-                   - jnp.where(onehot_BLV, g_onehot_BL[..., None], 0.0)
-                   - (eps / vocab) * g_smoothed_BL[..., None])
-    dlogits_BLV = dlogits_BLV.astype(x_BLD.dtype)
-    dx_BLD = jnp.einsum("blv,vd->bld", dlogits_BLV, embedding_VD.astype(x_BLD.dtype))
-    # E's gradient as (x^T dlogits)^T: the big operand stays in its row-major layout.
-    dembedding_DV = jnp.einsum("bld,blv->dv", x_BLD, dlogits_BLV)
+    batch, length, dim = x_BLD.shape
+    vocab = embedding_VD.shape[0]
+    embedding_VD_c = embedding_VD.astype(x_BLD.dtype)
+
+    def step(dembedding_DV, inputs):
+        i, logits_NV = inputs
+        g_s_N, g_n_N = _chunk(g_smoothed_BL, i, chunk), _chunk(g_nll_BL, i, chunk)
+        p_NV = jnp.exp(logits_NV - _chunk(lse_BL, i, chunk)[:, None])
+        onehot_NV = (jnp.arange(vocab, dtype=targets_BL.dtype)
+                     == _chunk(targets_BL, i, chunk)[:, None])
+        dlogits_NV = ((g_s_N + g_n_N)[:, None] * p_NV
+                      - jnp.where(onehot_NV, ((1.0 - eps) * g_s_N + g_n_N)[:, None], 0.0)
+                      - (eps / vocab) * g_s_N[:, None]).astype(x_BLD.dtype)
+        # E's gradient as (x^T dlogits)^T: the big operand stays in its row-major layout.
+        dembedding_DV += lax.dot_general(_chunk(x_BLD, i, chunk), dlogits_NV,
+                                         _COLUMNS_BY_COLUMNS).astype(jnp.float32)
+        return dembedding_DV, dlogits_NV @ embedding_VD_c
+
+    dembedding_DV, dx_KND = lax.scan(step, jnp.zeros((dim, vocab), jnp.float32),
+                                     (jnp.arange(length // chunk), logits_KNV))
     dtargets = jnp.zeros(targets_BL.shape, jax.dtypes.float0)
-    return dx_BLD, dembedding_DV.T.astype(embedding_VD.dtype), dtargets
+    return (_unchunk(dx_KND, batch), dembedding_DV.T.astype(embedding_VD.dtype), dtargets)
 
 
-tied_cross_entropy.defvjp(_forward, _backward)
+_tied_cross_entropy.defvjp(_forward, _backward)

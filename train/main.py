@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data.errors import DataError
-from train import checkpoint, loop, memory, multihost, sharding, tasks
+from train import checkpoint, host, loop, memory, multihost, sharding, tasks
 
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, tokenizer.")
 config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/gpt.py:tiny",
@@ -48,6 +48,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
+    host.keep_freed_memory()  # CPU runs: reuse the step's memory (before JAX starts threads)
     config, fl = flags.FLAGS.config, flags.FLAGS
     try:
         # First: jax.distributed.initialize refuses to run once a JAX device has been used.

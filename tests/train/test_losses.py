@@ -28,21 +28,22 @@ def _reference(x_BLD, embedding_VD, targets_BL, eps):
     return smoothed_BL, nll_BL, correct_BL
 
 
-@pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_values_and_gradients_match_the_unfused_loss(eps):
+@pytest.mark.parametrize("eps,chunk_length", [(0.0, None), (0.1, None), (0.1, 1)])
+def test_values_and_gradients_match_the_unfused_loss(eps, chunk_length):
+    """chunk_length=1 walks the 5 positions in 5 chunks; None is one chunk at this size."""
     x_BLD, embedding_VD, targets_BL, weights_BL = _inputs()
     # Make a few targets the argmax so that `correct` is not trivially all zeros.
     targets_BL = targets_BL.at[0, :2].set(jnp.argmax(x_BLD[0, :2] @ embedding_VD.T, -1))
 
-    def objective(fn):
+    def objective(fn, **kw):
         def f(x, e):
-            smoothed, nll, correct = fn(x, e, targets_BL, eps)
+            smoothed, nll, correct = fn(x, e, targets_BL, eps, **kw)
             # Different weights on the two losses exercise both cotangents.
             return jnp.sum(smoothed * weights_BL) + 0.3 * jnp.sum(nll * weights_BL), correct
         return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
 
-    (ours, ours_correct), ours_grads = jax.jit(objective(losses.tied_cross_entropy))(
-        x_BLD, embedding_VD)
+    (ours, ours_correct), ours_grads = jax.jit(objective(
+        losses.tied_cross_entropy, chunk_length=chunk_length))(x_BLD, embedding_VD)
     (ref, ref_correct), ref_grads = objective(_reference)(x_BLD, embedding_VD)
     np.testing.assert_allclose(ours, ref, rtol=1e-5)
     np.testing.assert_array_equal(ours_correct, ref_correct)
@@ -73,3 +74,12 @@ def test_bfloat16_inputs_give_float32_losses_and_input_dtype_gradients():
     assert gx.dtype == jnp.bfloat16 and ge.dtype == jnp.float32
     ref = _reference(x_BLD, embedding_VD, targets_BL, 0.1)[0]
     np.testing.assert_allclose(smoothed, ref, rtol=3e-2)
+
+
+def test_default_chunks_fit_the_cpu_budget_and_divide_the_length():
+    # 16 x 256 x 8192 logits are 128 MiB; 64 positions (32 MiB) is the largest divisor that fits.
+    assert losses.default_chunk_length(16, 256, 8192, "cpu") == 64
+    assert losses.default_chunk_length(16, 256, 8192, "gpu") == 256
+    assert losses.default_chunk_length(1, 7, 2 ** 23, "cpu") == 1  # never below one position
+    with pytest.raises(ValueError, match="does not divide"):
+        losses.tied_cross_entropy(*_inputs()[:3], 0.0, chunk_length=2)
