@@ -15,7 +15,10 @@ bf16 peak on GPU/TPU. Generation (GPT configs): a 32-token prompt
 continued by 128 tokens with the KV cache, batch 1 and 8, the whole loop in one jitted scan.
 """
 import functools
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import flax.linen as nn
@@ -34,7 +37,8 @@ flags.DEFINE_string("mesh", "", "Mesh override, e.g. data=2,fsdp=2,tensor=2 (def
                     "config's); per-device memory is printed for it.")
 flags.DEFINE_integer("steps", 10, "Timed training steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation) before timing.")
-flags.DEFINE_bool("generate", True, "Also time generation with the KV cache.")
+flags.DEFINE_bool("train", True, "Time training.")
+flags.DEFINE_bool("generate", True, "Also time generation with the KV cache (GPT configs).")
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens for the generation timing.")
 flags.DEFINE_integer("new_tokens", 128, "Generated tokens for the generation timing.")
 FLAGS = flags.FLAGS
@@ -103,17 +107,27 @@ def bench_generation(config, batch_size, **sampling):
 
 def main(argv):
     del argv
-    host.keep_freed_memory()  # as train.main does: CPU steps reuse their memory
     config = FLAGS.config
     if FLAGS.mesh:
         config.mesh.update({k: int(v) for k, v in (p.split("=") for p in FLAGS.mesh.split(","))})
-    peak, source = metrics_lib.peak_flops()
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} | peak "
-          f"{peak / 1e9:.1f} GFLOP/s ({source})")
-    tps, mfu, compile_s = bench_training(config, peak)
-    print(f"train: {tps:,.0f} tokens/s | MFU {100 * mfu:.1f}% | compile {compile_s:.1f}s | "
-          f"batch {config.batch_size} x seq {config.data.max_len}")
-    if FLAGS.generate and config.task == "lm":
+    generate = FLAGS.generate and config.task == "lm"
+    if FLAGS.train:
+        # As train.main does: CPU steps reuse their memory (train/host.py).
+        kept_memory = host.keep_freed_memory()
+        peak, source = metrics_lib.peak_flops()
+        print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} | peak "
+              f"{peak / 1e9:.1f} GFLOP/s ({source})")
+        tps, mfu, compile_s = bench_training(config, peak)
+        print(f"train: {tps:,.0f} tokens/s | MFU {100 * mfu:.1f}% | compile {compile_s:.1f}s | "
+              f"batch {config.batch_size} x seq {config.data.max_len}", flush=True)
+        if generate and kept_memory:
+            # Generation is timed as experiments.sample runs it, without that setting: one
+            # malloc arena for every thread made the decode loop about 10% slower here.
+            subprocess.run([sys.executable, "-m", "experiments.bench", *sys.argv[1:],
+                            "--train=False"], env=dict(os.environ, KEEP_FREED_MEMORY="0"),
+                           check=True)
+            return
+    if generate:
         for name, sampling in (("greedy", dict(temperature=0.0)),
                                ("top-k 40", dict(temperature=1.0, top_k=40))):
             rates = [bench_generation(config, b, **sampling) for b in (1, 8)]
