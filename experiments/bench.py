@@ -11,8 +11,10 @@ median of --steps timed steps after --warmup untimed ones. The median shrugs off
 neighbour on a shared machine; experiments/bench_reference.py times the baselines the same
 way. MFU counts non-embedding + attention FLOPs (LM head excluded, as for the baselines in
 README) over the peak of train/metrics.py: a measured fp32 matmul on CPU, the data-sheet
-bf16 peak on GPU/TPU. Generation (GPT configs): a 32-token prompt
-continued by 128 tokens with the KV cache, batch 1 and 8, the whole loop in one jitted scan.
+bf16 peak on GPU/TPU. Training runs with train.main's CPU allocator setting (train/host.py).
+Generation (GPT configs): a 32-token prompt continued by 128 tokens with the KV cache, batch 1
+and 8, the whole loop in one jitted scan, timed in a child process without that setting, as
+experiments.sample runs (--train=False times generation alone).
 """
 import functools
 import os
