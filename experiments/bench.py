@@ -17,7 +17,6 @@ and 8, the whole loop in one jitted scan, timed in a child process without that 
 experiments.sample runs (--train=False times generation alone).
 """
 import functools
-import os
 import statistics
 import subprocess
 import sys
@@ -123,11 +122,11 @@ def main(argv):
         print(f"train: {tps:,.0f} tokens/s | MFU {100 * mfu:.1f}% | compile {compile_s:.1f}s | "
               f"batch {config.batch_size} x seq {config.data.max_len}", flush=True)
         if generate and kept_memory:
-            # Generation is timed as experiments.sample runs it, without that setting: one
-            # malloc arena for every thread made the decode loop about 10% slower here.
+            # Generation is timed as experiments.sample runs it, in a process without that
+            # setting (--train=False never applies it): one malloc arena for every thread made
+            # the decode loop about 10% slower here.
             subprocess.run([sys.executable, "-m", "experiments.bench", *sys.argv[1:],
-                            "--train=False"], env=dict(os.environ, KEEP_FREED_MEMORY="0"),
-                           check=True)
+                            "--train=False"], check=True)
             return
     if generate:
         for name, sampling in (("greedy", dict(temperature=0.0)),

@@ -3,9 +3,10 @@
 XLA:CPU allocates a step's temporaries afresh at every execution: hundreds of MiB at the bench
 shapes (logits, attention weights, activations kept for the backward pass). glibc's malloc
 serves each allocation above 32 MiB with a new mmap and unmaps it on free, so every training
-step faulted all of those pages in again. Measured on a 2-core CPU: 130,000 minor page faults
+step faulted all of those pages in again. Measured on a 2-core CPU: 133,000 minor page faults
 and 0.25 s of kernel time a step at transformer_bench_small, 217,000 and 0.4 s at GPT
-bench_small, 10-16% of the step.
+bench_small; without them the step is 13-16% and 28% shorter (experiments/bench.py with and
+without KEEP_FREED_MEMORY=0).
 
 `keep_freed_memory()` tells glibc (mallopt(3)) to serve every thread from the main heap, never
 to mmap, and to keep freed memory instead of trimming it, so the next step reuses the pages
