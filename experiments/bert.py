@@ -49,7 +49,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.opt = ml_collections.ConfigDict(dict(
         learning_rate=1e-4, schedule="linear", warmup_steps=10_000, end_lr_fraction=0.0,
         weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, clip_grad_norm=1.0, grad_accum_steps=1))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # cpu_devices > 1: a CPU run exposes its cores as that many devices (train/host.py)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, cpu_devices=0))
     c.sharding_rules = ()
     c.batch_size = 256  # global, in sequences
     c.eval_batch_size = 64

@@ -51,7 +51,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.opt = ml_collections.ConfigDict(dict(
         learning_rate=1.0, schedule="noam", warmup_steps=4000, end_lr_fraction=0.0,
         weight_decay=0.0, b1=0.9, b2=0.98, eps=1e-9, clip_grad_norm=0.0, grad_accum_steps=1))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # cpu_devices > 1: a CPU run exposes its cores as that many devices (train/host.py)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, cpu_devices=0))
     c.sharding_rules = ()
     c.batch_size = 64  # global, in rows of max_len source + max_len target tokens
     c.eval_batch_size = 64

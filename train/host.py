@@ -16,6 +16,11 @@ process reaches anyway.
 
 It applies only where the run is on CPU: accelerator runs allocate their big buffers on the
 device, and their hosts keep the default allocator. Set KEEP_FREED_MEMORY=0 to turn it off.
+
+`split_cpu_devices(n)` (config.mesh.cpu_devices) exposes the host's cores as n XLA devices, so
+the mesh's data axis runs n batch shards side by side instead of splitting every op across
+the cores. Whether that pays depends on the shape: on the 2-core CPU GPT bench_small ran
+4,355-4,547 tokens/s with 2 devices against 3,669-4,173 with one, bench_124m 141 against 217.
 """
 import ctypes
 import importlib.util
@@ -51,3 +56,24 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return all(mallopt(param, value) == 1 for param, value in (
         (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1)))
+
+
+def split_cpu_devices(count: int) -> bool:
+    """On a CPU run, makes JAX expose `count` host devices; returns whether it did.
+
+    Must run before JAX's backend starts. Once it has started with another device count,
+    raises ConfigError (train.main reports it as one line).
+    """
+    if count <= 1 or not runs_on_cpu():
+        return False
+    import jax  # pylint: disable=import-outside-toplevel
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError as e:  # the backend has started already (a caller used JAX first)
+        if jax.device_count() == count:
+            return True
+        from train.sharding import ConfigError  # pylint: disable=import-outside-toplevel
+        raise ConfigError(f"config.mesh.cpu_devices={count} could not be applied: JAX has "
+                          f"already started with {jax.device_count()} devices. Set it "
+                          "before the first JAX call, or leave it at 0.") from e
+    return True

@@ -51,7 +51,9 @@ def main(argv):
     host.keep_freed_memory()  # CPU runs: reuse the step's memory (before JAX starts threads)
     config, fl = flags.FLAGS.config, flags.FLAGS
     try:
-        # First: jax.distributed.initialize refuses to run once a JAX device has been used.
+        # Both first: the CPU device count and jax.distributed.initialize cannot change once
+        # a JAX device has been used.
+        host.split_cpu_devices(config.mesh.get("cpu_devices", 0))
         multihost.maybe_initialize_distributed(fl.coordinator_address, fl.num_processes,
                                                fl.process_id)
         task = tasks.get(config.task)

@@ -12,7 +12,7 @@ def test_bench_times_training_then_generation_in_a_child_process():
     env.pop("KEEP_FREED_MEMORY", None)
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench", "--config=experiments/gpt.py:smoke",
-         "--steps=2", "--warmup=1", "--prompt_len=4", "--new_tokens=4"],
+         "--steps=2", "--warmup=1", "--prompt_len=4", "--new_tokens=4", "--mesh=cpu_devices=2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
@@ -21,5 +21,6 @@ def test_bench_times_training_then_generation_in_a_child_process():
     assert len(train) == 1 and float(train[0].split()[1].replace(",", "")) > 0
     # One device line: the child process for generation does not time training again.
     assert sum(line.startswith("device: ") for line in lines) == 1
+    assert [line for line in lines if line.startswith("device: ")][0].startswith("device: cpu x2")
     assert [g.split(",")[0] for g in generate] == ["generate (greedy", "generate (top-k 40"]
     assert lines.index(train[0]) < lines.index(generate[0])

@@ -50,3 +50,17 @@ def test_only_cpu_runs_are_tuned(monkeypatch):
     assert host.runs_on_cpu()
     monkeypatch.setenv("KEEP_FREED_MEMORY", "0")
     assert not host.keep_freed_memory()
+
+
+def test_cpu_devices_applies_only_to_cpu_runs_and_only_before_jax_starts(monkeypatch):
+    import jax
+    from train.sharding import ConfigError
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert not host.split_cpu_devices(4)  # accelerator run: the CPU's devices are left alone
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not host.split_cpu_devices(0) and not host.split_cpu_devices(1)
+    jax.devices()  # the test session's backend has started (8 devices, tests/conftest.py)
+    assert host.split_cpu_devices(jax.device_count())  # already so: nothing to change
+    with pytest.raises(ConfigError, match=r"cpu_devices=3 could not be applied.*"
+                                          r"before the first JAX call"):
+        host.split_cpu_devices(3)

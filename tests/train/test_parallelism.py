@@ -77,9 +77,11 @@ def test_dry_run_prints_per_device_memory_and_writes_nothing(tmp_path):
     from tests.test_cli import run
     workdir = tmp_path / "never"
     out = run("train.main", "--config=experiments/bert.py:smoke", f"--workdir={workdir}",
-              "--dry_run", "--config.mesh.data=1", "--config.mesh.fsdp=8").stdout
+              "--dry_run", "--config.mesh.data=1", "--config.mesh.fsdp=4",
+              "--config.mesh.cpu_devices=4").stdout
     assert "per device:" in out and "optimizer state" in out and "activations" in out
-    assert "'fsdp': 8" in out and not workdir.exists()
+    # cpu_devices replaces the 8 host devices the test session forces (tests/conftest.py).
+    assert "'fsdp': 4" in out and "over 4 devices" in out and not workdir.exists()
 
 
 def test_a_dimension_the_mesh_cannot_split_is_a_config_error():
