@@ -15,7 +15,7 @@ import tqdm
 # Dense bf16 peak FLOP/s per chip from the vendors' data sheets, keyed by jax device_kind.
 PEAK_FLOPS = {
     "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-    "NVIDIA H100 PCIe": 756e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
     "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA L4": 121e12, "NVIDIA B200": 2250e12,
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
     "TPU v6 lite": 918e12, "TPU v6e": 918e12,
@@ -42,6 +42,15 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 5, rounds: int = 12,
     return 2.0 * n ** 3 / best
 
 
+def peak_kind(device_kind: str):
+    """The PEAK_FLOPS key for a jax device_kind: the same name, else the longest key it starts
+    with ("NVIDIA H100 PCIe ..." is a PCIe card, not the "NVIDIA H100" SXM part); None if none."""
+    if device_kind in PEAK_FLOPS:
+        return device_kind
+    prefixes = [kind for kind in PEAK_FLOPS if device_kind.startswith(kind)]
+    return max(prefixes, key=len) if prefixes else None
+
+
 def peak_flops() -> tuple[float, str]:
     """(peak FLOP/s of all devices together, how it was obtained), the denominator of MFU.
 
@@ -51,9 +60,9 @@ def peak_flops() -> tuple[float, str]:
     device = jax.devices()[0]
     if device.platform == "cpu":
         return measure_matmul_flops(), "measured fp32 matmul"
-    for kind, flops in PEAK_FLOPS.items():
-        if device.device_kind.startswith(kind):
-            return flops * jax.device_count(), f"{kind} bf16 data sheet"
+    kind = peak_kind(device.device_kind)
+    if kind is not None:
+        return PEAK_FLOPS[kind] * jax.device_count(), f"{kind} bf16 data sheet"
     return (measure_matmul_flops(4096) * jax.device_count(),
             f"measured fp32 matmul ({device.device_kind} not in table)")
 
