@@ -202,14 +202,22 @@ def flops_per_token(config: TransformerConfig, src_len: int, tgt_len: int) -> fl
     return 6.0 * (encoder + decoder) + attention
 
 
-def init_decode_cache(model: "Transformer", params, src_BS, max_len: int):
-    """(self-attention KV cache for max_len target tokens, encoded source, cross K/V)."""
+def init_decode_cache(model: "Transformer", params, src_BS, max_len: int, copies: int = 1):
+    """(self-attention KV cache for max_len target tokens, encoded source, cross K/V).
+
+    The encoder and the cross-attention projections run once per sentence; with `copies` > 1
+    (beam search) their outputs are then repeated, row b * copies + k for hypothesis k of
+    sentence b, and the cache is sized for all B * copies rows.
+    """
     src_segment_BS = (src_BS != 0).astype(jnp.int32)
     encoded = model.apply({"params": params}, src_BS, src_segment_BS, method=Transformer.encode)
     cross_kv = model.apply({"params": params}, encoded, method=Transformer.project_cross)
+    if copies > 1:
+        encoded, src_segment_BS, cross_kv = jax.tree.map(
+            lambda x: jnp.repeat(x, copies, axis=0), (encoded, src_segment_BS, cross_kv))
+    rows = src_BS.shape[0] * copies
     shapes = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.ones((src_BS.shape[0], 1), jnp.int32),
-        jnp.ones((src_BS.shape[0], max_len), jnp.int32)))
+        jax.random.key(0), jnp.ones((rows, 1), jnp.int32), jnp.ones((rows, max_len), jnp.int32)))
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
     return cache, encoded, src_segment_BS, cross_kv
 
@@ -224,19 +232,18 @@ def translate_ids(decode_model: "Transformer", params, src_BS, *, beam_size=4, a
     """
     b, s = src_BS.shape
     max_len = max_len or min(s + 50, decode_model.config.max_len)
-    # Every beam of a sentence starts from the same encoder output and cross keys/values.
-    src_NS = jnp.repeat(src_BS, beam_size, axis=0)
-    cache, encoded, src_segment, cross_kv = init_decode_cache(decode_model, params, src_NS,
-                                                               max_len)
-    state = {"cache": cache, "encoded": encoded, "src_segment": src_segment,
-             "cross_kv": cross_kv, "step": jnp.array(0, jnp.int32)}
+    # Every beam of a sentence reads the same encoder output and cross keys/values, computed
+    # once per sentence. They stay outside the beam state: re-selecting beams only ever moves
+    # rows within a sentence, where these rows are identical, so they need no reordering.
+    cache, encoded, src_segment, cross_kv = init_decode_cache(decode_model, params, src_BS,
+                                                               max_len, copies=beam_size)
+    state = {"cache": cache, "step": jnp.array(0, jnp.int32)}
 
     def logits_fn(tokens_N1, state):
         positions = jnp.full(tokens_N1.shape, state["step"])
         logits, variables = decode_model.apply(
-            {"params": params, "cache": state["cache"]}, tokens_N1, state["encoded"],
-            state["src_segment"], None, positions, True, state["cross_kv"],
-            method=Transformer.decode, mutable=["cache"])
+            {"params": params, "cache": state["cache"]}, tokens_N1, encoded, src_segment, None,
+            positions, True, cross_kv, method=Transformer.decode, mutable=["cache"])
         return logits, dict(state, cache=variables["cache"], step=state["step"] + 1)
 
     return decoding.beam_search(logits_fn, state, b, beam_size=beam_size, max_len=max_len,

@@ -121,3 +121,42 @@ def test_bf16_compute_tracks_fp32(params):
                                        src, tgt)
     assert float(loss_bf16) == pytest.approx(float(loss), rel=1e-2)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))  # fp32 master weights
+
+
+def _full_forward_beam_search(params, src, beam_size, max_len):
+    """Beam search whose logits come from the uncached full forward pass over each beam's
+    prefix (an independent path: no KV cache, no cross-attention projections kept)."""
+    from models import decoding
+    model = tf.Transformer(SMALL)
+    rows = src.shape[0] * beam_size
+    src_N = jnp.repeat(src, beam_size, axis=0)
+
+    def logits_fn(tokens_N1, state):
+        prefix = state["prefix"].at[:, state["step"]].set(tokens_N1[:, 0])
+        logits = model.apply({"params": params}, src_N, prefix)
+        last = jax.lax.dynamic_slice_in_dim(logits, state["step"], 1, axis=1)
+        return last, {"prefix": prefix, "step": state["step"] + 1}
+
+    state = {"prefix": jnp.zeros((rows, max_len), jnp.int32), "step": jnp.array(0)}
+    return decoding.beam_search(logits_fn, state, src.shape[0], beam_size=beam_size,
+                                max_len=max_len, bos_id=2, eos_id=3, alpha=0.6)
+
+
+def test_beam_search_encodes_each_sentence_once_and_matches_the_uncached_search(params):
+    src = jnp.pad(jax.random.randint(jax.random.key(13), (2, 6), 4, 53), ((0, 0), (0, 2)))
+    decoder = tf.Transformer(dataclasses.replace(SMALL, decode=True))
+    encoder_rows = []
+
+    def record(next_fun, args, kwargs, context):
+        # (The cache is sized by an abstract init, which computes nothing.)
+        if isinstance(context.module, tf.Encoder) and not context.module.is_initializing():
+            encoder_rows.append(args[0].shape[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        tokens, scores = tf.translate_ids(decoder, params, src, beam_size=3, alpha=0.6,
+                                          max_len=12)
+    assert encoder_rows == [2]  # 2 sentences, not 2 x 3 beams
+    ref_tokens, ref_scores = _full_forward_beam_search(params, src, beam_size=3, max_len=12)
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5)
