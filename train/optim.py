@@ -39,9 +39,24 @@ def make_schedule(opt, num_train_steps: int, d_model: int = 0):
                      "use cosine, linear, constant or noam")
 
 
-def _decay_mask(params):
-    """Weight decay on matrices only: biases, LayerNorm and 1-D params are not decayed."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+# Weight decay applies to the weight matrices by their role, named by Flax: the kernels of
+# every projection (attention q/k/v/out, feed-forward, pooler, heads) and the embedding tables.
+# Biases, LayerNorm scales and other vector parameters (BERT's mlm_bias) are not decayed, as in
+# the GPT-2 and BERT recipes. The rank cannot decide it: a q/k/v bias is H,K (2-D), and with
+# model.scan_layers every LayerNorm scale is stacked to layers,D.
+DECAYED_NAMES = ("kernel", "embedding")
+
+
+def _leaf_name(path) -> str:
+    """The parameter's own name: the last dict key of its tree path (boxed or not)."""
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return str(keys[-1]) if keys else ""
+
+
+def decay_mask(params):
+    """True for the parameters weight decay applies to (DECAYED_NAMES), False elsewhere."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in DECAYED_NAMES,
+                                            params)
 
 
 def make_optimizer(opt, num_train_steps: int, d_model: int = 0):
@@ -51,5 +66,5 @@ def make_optimizer(opt, num_train_steps: int, d_model: int = 0):
     if opt.clip_grad_norm:
         chain.append(optax.clip_by_global_norm(opt.clip_grad_norm))
     chain.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                             weight_decay=opt.weight_decay, mask=_decay_mask))
+                             weight_decay=opt.weight_decay, mask=decay_mask))
     return optax.chain(*chain), schedule
