@@ -27,11 +27,13 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from models import gpt
-from train import host, loop, memory, metrics as metrics_lib, optim, sharding, tasks
+from train import cli, config as config_lib, host, memory, metrics as metrics_lib, sharding, tasks
+from train.config import ConfigError
+from train import step as step_lib
 from train.tasks import lm
 
 config_flags.DEFINE_config_file("config", None, "Experiment file with a bench preset.",
@@ -45,6 +47,21 @@ flags.DEFINE_bool("generate", True, "Also time generation with the KV cache (GPT
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens for the generation timing.")
 flags.DEFINE_integer("new_tokens", 128, "Generated tokens for the generation timing.")
 FLAGS = flags.FLAGS
+for _name in ("steps", "prompt_len", "new_tokens"):
+    cli.at_least(_name, 1)
+cli.at_least("warmup", 0)
+
+
+def parse_mesh(text: str) -> dict:
+    """--mesh=data=2,fsdp=2 -> {"data": 2, "fsdp": 2}; a malformed entry is a ConfigError."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        if name not in ("data", "fsdp", "tensor", "cpu_devices") or not value.lstrip("-").isdigit():
+            raise ConfigError(f"--mesh={text}: {part!r} is not axis=count with axis one of "
+                              "data, fsdp, tensor, cpu_devices (e.g. --mesh=data=2,fsdp=2)")
+        out[name] = int(value)
+    return out
 
 
 def _timed(fn, repeats):
@@ -60,16 +77,13 @@ def _timed(fn, repeats):
 def bench_training(config, peak, verbose=True):
     """Returns (tokens/s, MFU, compile seconds); prints per-device memory when verbose."""
     task = tasks.get(config.task)
-    mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config)
-    model = task.build_model(config)
-    tx, schedule = optim.make_optimizer(config.opt, 10_000, config.model.d_model)
-    abstract, state_sh, init_fn = loop.create_state_fns(task, config, model, tx, mesh, rules)
-    batch_sh = sharding.batch_sharding(mesh, rules)
+    s = step_lib.build(task, config)
+    abstract = s.abstract
     batch = task.bench_batch(config)
-    with jax.set_mesh(mesh):
-        state = init_fn(jax.random.key(0))
-        batch = sharding.global_batch(batch, batch_sh)
-        train_step = loop.jit_train_step(task, config, model, tx, schedule, state_sh, batch_sh)
+    with jax.set_mesh(s.mesh):
+        state = s.init_fn(jax.random.key(0))
+        batch = sharding.global_batch(batch, s.batch_shard)
+        train_step = s.jit_train_step(task, config)
         rng = jax.random.key(1)
         t0 = time.perf_counter()
         compiled = train_step.lower(state, batch, rng).compile()
@@ -111,8 +125,13 @@ def bench_generation(config, batch_size, **sampling):
 def main(argv):
     del argv
     config = FLAGS.config
-    if FLAGS.mesh:
-        config.mesh.update({k: int(v) for k, v in (p.split("=") for p in FLAGS.mesh.split(","))})
+    if config is None:
+        cli.fail("--config is required, e.g. --config=experiments/gpt.py:bench_small")
+    try:
+        config.mesh.update(parse_mesh(FLAGS.mesh))
+        config_lib.validate(config)
+    except ConfigError as e:
+        cli.fail(str(e))
     generate = FLAGS.generate and config.task == "lm"
     if FLAGS.train:
         # As train.main does: CPU steps reuse their memory (train/host.py).
@@ -122,7 +141,7 @@ def main(argv):
         tps, mfu, compile_s = bench_training(config, peak)
         if "measured" in source:
             # Measured again after the steps, keeping the faster: a neighbour's burst during
-            # one measurement would otherwise inflate MFU (it once read 90%).
+            # one measurement would otherwise inflate MFU.
             again = metrics_lib.peak_flops()[0]
             mfu, peak = mfu * peak / max(peak, again), max(peak, again)
         print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} | peak "
@@ -131,8 +150,8 @@ def main(argv):
               f"batch {config.batch_size} x seq {config.data.max_len}", flush=True)
         if generate and kept_memory:
             # Generation is timed as experiments.sample runs it, in a process without that
-            # setting (--train=False never applies it): one malloc arena for every thread made
-            # the decode loop about 10% slower here.
+            # setting (--train=False never applies it): one malloc arena shared by every
+            # thread slows the decode loop.
             subprocess.run([sys.executable, "-m", "experiments.bench", *sys.argv[1:],
                             "--train=False"], check=True)
             return
@@ -145,4 +164,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,93 +1,49 @@
-"""The objective-agnostic training loop: mesh, sharded state, restore, train, evaluate, save.
+"""The objective-agnostic training loop: state, restore, train, log, evaluate, save.
 
-`train_step(state, batch, rng)` is a pure function jitted once with in/out shardings and a
-donated state; the task supplies the model, the data and the loss. Resuming is automatic: a
-workdir with checkpoints continues from the latest one, data position included.
+The task (train/tasks) supplies the model, the data and the loss; train/step.py the jitted
+step and its sharded state. Resuming is automatic: a workdir with checkpoints continues from
+the newest intact one, data position included. A step whose loss or gradient norm is not
+finite stops the run, the last good checkpoint left as the newest; with
+config.skip_nonfinite_steps=N such steps are skipped instead, up to N in a row.
 """
-import functools
+import dataclasses
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from jax.experimental import multihost_utils
 
 from data import lm as lm_data
-from train import checkpoint, metrics as metrics_lib, optim, sharding
+from train import checkpoint, config as config_lib, metrics as metrics_lib, sharding
+from train import step as step_lib
+from train.config import ConfigError
+from train.tasks import Task
 
 
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
+class DivergedError(RuntimeError):
+    """A training step's loss or gradient norm was not finite (nan or inf)."""
 
 
-def make_train_step(loss_fn, tx, schedule, grad_accum_steps: int):
-    """Returns train_step(state, batch, rng) -> (state, metrics) for a task's loss_fn.
-
-    With accumulation the batch is split into `grad_accum_steps` micro-batches scanned in
-    sequence; gradients of the summed loss are added and divided once by the total token
-    count, so the update equals the one of a single large batch.
-    """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def train_step(state, batch, rng):
-        rng = jax.random.fold_in(rng, state.step)
-        if grad_accum_steps == 1:
-            (_, sums), grads = grad_fn(state.params, batch, rng)
-        else:
-            micro = jax.tree.map(
-                lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
-
-            def accumulate(carry, xs):
-                i, mb = xs
-                (_, s), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (g, s)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-                lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng)))
-            (grads, sums), _ = jax.lax.scan(
-                accumulate, (zeros[1], zeros[0][1]), (jnp.arange(grad_accum_steps), micro))
-        count = jnp.maximum(sums["weight_sum"], 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        sums = dict(sums, grad_norm=optax.tree.norm(grads),
-                    param_norm=optax.tree.norm(params), learning_rate=schedule(state.step))
-        return TrainState(state.step + 1, params, opt_state), sums
-
-    return train_step
+@dataclasses.dataclass
+class Run:
+    """What the step loop and the end of training share."""
+    config: Any
+    workdir: str
+    task: Task
+    data: dict
+    setup: step_lib.Setup
+    ckpt: checkpoint.Checkpointer
+    train_step: Callable
+    eval_step: Callable
+    writer: Any = None
+    log: Callable = print
 
 
-def jit_train_step(task, config, model, tx, schedule, state_shardings, batch_shard):
-    """The task's train_step, jitted once with shardings and a donated state."""
-    step_fn = make_train_step(functools.partial(task.loss_fn, model=model, train=True), tx,
-                              schedule, config.opt.grad_accum_steps)
-    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shard, None),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
-
-
-def create_state_fns(task, config, model, tx, mesh, rules):
-    """(abstract sharded state, jitted init_fn(rng) -> state placed on the mesh)."""
-    def init_boxed(rng):
-        params = task.init_params(model, config, rng)
-        return TrainState(jnp.array(0, jnp.int32), params, tx.init(params))
-
-    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
-    shardings = sharding.logical_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            nn.meta.unbox(boxed), shardings)
-    init_fn = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=shardings)
-    return abstract, shardings, init_fn
-
-
-def evaluate(eval_step, state, eval_rows, config, batch_shard,
+def evaluate(eval_step, params, eval_rows, config, batch_shard,
              summarize=metrics_lib.summarize):
     """Sums the task's metrics over the eval split (at most config.num_eval_steps batches)."""
     it = lm_data.make_iterator(eval_rows, config.eval_batch_size, seed=0, shuffle=False,
@@ -97,47 +53,20 @@ def evaluate(eval_step, state, eval_rows, config, batch_shard,
     for i, batch in enumerate(it):
         if config.num_eval_steps and i >= config.num_eval_steps:
             break
-        sums = eval_step(state.params, sharding.global_batch(batch, batch_shard))
+        sums = eval_step(params, sharding.global_batch(batch, batch_shard))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     return summarize(jax.device_get(totals))
 
 
-_LAST_VALUE_METRICS = ("grad_norm", "param_norm", "learning_rate")
-
-
-def _train_metrics(step_sums, summarize, steps_per_sec, tokens_per_step, step_seconds_at_peak):
-    """Means over the logged steps (exact: sums / counts), last norms and rate, throughput, MFU."""
-    summed = {k: sum(m[k] for m in step_sums) for k in step_sums[0]
-              if k not in _LAST_VALUE_METRICS}
-    summed.update({k: step_sums[-1][k] for k in _LAST_VALUE_METRICS})
-    out = summarize(summed)
-    if steps_per_sec is not None:
-        out["tokens_per_sec"] = steps_per_sec * tokens_per_step
-        out["mfu"] = steps_per_sec * step_seconds_at_peak  # model FLOP/s over peak FLOP/s
-    return out
-
-
-def train_and_evaluate(config, workdir: str, task) -> dict:
+def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     """Trains `task` as configured; returns the final eval metrics."""
-    averaged = config.get("average_checkpoints", 0)
-    if averaged > config.keep_checkpoints:
-        raise sharding.ConfigError(
-            f"config.average_checkpoints={averaged} needs config.keep_checkpoints >= {averaged} "
-            f"(now {config.keep_checkpoints}): raise keep_checkpoints or average fewer")
+    config_lib.validate(config)
+    config_lib.check_workdir(workdir)
+    notes = checkpoint.check_resume_config(config, workdir)
+    s = step_lib.build(task, config)
+    config_lib.check_batch_split(config, dict(s.mesh.shape))
     os.makedirs(workdir, exist_ok=True)
-    checkpoint.check_resume_config(config, workdir)
-    mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config)
     data = task.prepare_data(config, workdir)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json(indent=2))
-
-    model = task.build_model(config)
-    tx, schedule = optim.make_optimizer(config.opt, config.num_train_steps, config.model.d_model)
-    abstract, state_shardings, init_fn = create_state_fns(task, config, model, tx, mesh, rules)
-    batch_shard, repl = sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)
-    num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-
     ckpt = checkpoint.Checkpointer(workdir, save_every_steps=config.checkpoint_every_steps,
                                    keep=config.keep_checkpoints)
     train_iter = lm_data.make_iterator(
@@ -145,38 +74,59 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
         process_index=jax.process_index(), process_count=jax.process_count())
     rng = jax.random.key(config.seed)
     resuming = ckpt.latest_step() is not None
-    # Fine-tuning starts from a pretrained encoder (placed on this mesh) and fresh heads.
-    pretrained = (task.load_pretrained(config, state_shardings.params)
-                  if config.get("init_from") and not resuming else {})
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    pretrained = {}
+    if config.get("init_from") and not resuming:
+        if task.load_pretrained is None:
+            raise ConfigError(f"task {task.name} cannot start from config.init_from; leave it "
+                              "empty")
+        # Fine-tuning starts from pretrained weights (placed on this mesh) and fresh heads.
+        pretrained = task.load_pretrained(config, s.state_shardings.params)
+    with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
         if resuming:
-            state, data_state = ckpt.restore(abstract)
+            state, data_state = ckpt.restore(s.abstract)
             train_iter.set_state(data_state)
         else:
-            state = init_fn(jax.random.fold_in(rng, 0))
+            state = s.init_fn(jax.random.fold_in(rng, 0))
             state = state.replace(params={**state.params, **pretrained})
-        train_step = jit_train_step(task, config, model, tx, schedule, state_shardings,
-                                    batch_shard)
-        eval_step = jax.jit(lambda p, b: task.loss_fn(p, b, None, model=model, train=False)[1],
-                            in_shardings=(state_shardings.params, batch_shard),
-                            out_shardings=repl)
-        return _run(config, workdir, task, data, state, train_iter, train_step, eval_step, ckpt,
-                    batch_shard, jax.random.fold_in(rng, 1), num_params, abstract)
+        if jax.process_index() == 0:  # once the state is in hand: a refusal writes nothing
+            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(config.to_json(indent=2))
+        eval_step = jax.jit(lambda p, b: task.loss_fn(p, b, None, model=s.model, train=False)[1],
+                            in_shardings=(s.state_shardings.params, s.batch_shard),
+                            out_shardings=sharding.replicated(s.mesh))
+        run = Run(config, workdir, task, data, s, ckpt, s.jit_train_step(task, config),
+                  eval_step)
+        return _run(run, state, train_iter, jax.random.fold_in(rng, 1), notes)
 
 
-def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, ckpt,
-         batch_shard, dropout_rng, num_params, abstract):
+def _diverged(run, step, metrics, saved):
+    """The one-line account of a non-finite step: where, what, and what to do."""
+    loss = metrics["loss_sum"] / max(float(metrics["weight_sum"]), 1e-9)
+    last = (f"the newest checkpoint, step {saved}, is the last good one (nothing later was "
+            f"saved); rerunning resumes from it" if saved is not None
+            else "no checkpoint was saved before it")
+    return (f"step {step}: the loss is {loss:.6g} and the gradient norm "
+            f"{float(metrics['grad_norm']):.6g}, so training stopped; {last}. Lower "
+            "--config.opt.learning_rate, clip gradients with --config.opt.clip_grad_norm=1.0, "
+            "or skip such steps with --config.skip_nonfinite_steps=N")
+
+
+def _run(run, state, train_iter, dropout_rng, notes):
     """The step loop: train, log, evaluate, checkpoint; saves on SIGTERM and at the end."""
+    config, task, ckpt = run.config, run.task, run.ckpt
     first_step = int(jax.device_get(state.step))
-    summarize = getattr(task, "summarize", metrics_lib.summarize)
     peak, peak_source = metrics_lib.peak_flops()
     tokens_per_step = config.batch_size * config.data.max_len
-    flops_per_step = task.flops_per_token(config) * tokens_per_step
-    writer, bar = metrics_lib.MetricWriter(workdir), metrics_lib.ProgressBar(
-        first_step, config.num_train_steps)
+    seconds_at_peak = task.flops_per_token(config) * tokens_per_step / peak
+    num_params = sum(x.size for x in jax.tree.leaves(run.setup.abstract.params))
+    run.writer = metrics_lib.MetricWriter(run.workdir)
+    bar = metrics_lib.ProgressBar(first_step, config.num_train_steps)
+    run.log = bar.write
     bar.write(f"{num_params:,} parameters | {jax.device_count()} devices {dict(config.mesh)} | "
-              f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source}) | data {data['info']} | "
+              f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source}) | data {run.data['info']} | "
               f"{'resuming at step ' + str(first_step) if first_step else 'new run'}")
+    if notes and first_step:
+        bar.write("changed since the saved run: " + "; ".join(notes))
     stop = {"signal": False}
     # One process: our SIGTERM handler. Several: JAX's preemption service (started by
     # jax.distributed.initialize) agrees on one step at which every process stops and saves,
@@ -184,99 +134,121 @@ def _run(config, workdir, task, data, state, train_iter, train_step, eval_step, 
     multi = jax.process_count() > 1
     previous_handler = None if multi else signal.signal(
         signal.SIGTERM, lambda *_: stop.update(signal=True))
-    wall0, pending, timer = metrics_lib.last_wall_time(workdir), [], metrics_lib.Throughput()
-    run_start, final = time.time(), {}
-    step = first_step
+    wall0, timer = metrics_lib.last_wall_time(run.workdir), metrics_lib.Throughput()
+    run_start, final, step = time.time(), {}, first_step
+    skip_limit, skipped = config.get("skip_nonfinite_steps", 0), {"in_a_row": 0, "window": 0}
+    pending, unchecked = [], []  # metrics of checked steps not yet logged; of unchecked steps
+
+    def write_train(at_step, step_metrics):
+        out = metrics_lib.train_means(step_metrics, task.summarize, timer.steps_per_sec(),
+                                      tokens_per_step, seconds_at_peak)
+        if skip_limit:
+            out["skipped_steps"] = skipped["window"]
+        out.update(wall_time=wall0 + time.time() - run_start, tokens=at_step * tokens_per_step)
+        run.writer.write(at_step, "train", out)
+        return out
+
+    def check_finite():
+        """Moves the unchecked steps to `pending`; stops (or skips) at a non-finite one."""
+        for at_step, m in jax.device_get(unchecked):
+            if not m["nonfinite"]:
+                skipped["in_a_row"] = 0
+                pending.append(m)
+            elif skipped["in_a_row"] < skip_limit:
+                skipped["in_a_row"] += 1
+                skipped["window"] += 1
+            else:
+                write_train(at_step, pending + [m])
+                raise DivergedError(_diverged(run, at_step, m, ckpt.latest_step()))
+        unchecked.clear()
+
     try:
-        while step < config.num_train_steps and not stop["signal"]:
-            batch = sharding.global_batch(next(train_iter), batch_shard)
-            state, step_metrics = train_step(state, batch, dropout_rng)
+        stopping = False
+        while step < config.num_train_steps and not stopping:
+            batch = sharding.global_batch(next(train_iter), run.setup.batch_shard)
+            state, step_metrics = run.train_step(state, batch, dropout_rng)
             step += 1
-            pending.append(step_metrics)
+            # The previous step is checked while this one runs: one step behind, the device
+            # never waits for the host.
+            check_finite()
+            unchecked.append((step, step_metrics))
             if step == first_step + 1:  # the compiling step is left out of throughput
                 jax.block_until_ready(step_metrics)
                 timer.restart()
             else:
                 timer.tick()
-            if step % config.log_every_steps == 0 or step == config.num_train_steps:
-                train_metrics = _train_metrics(jax.device_get(pending), summarize,
-                                               timer.steps_per_sec(), tokens_per_step,
-                                               flops_per_step / peak)
-                timer.restart()
-                train_metrics.update(wall_time=wall0 + time.time() - run_start,
-                                     tokens=step * tokens_per_step)
-                writer.write(step, "train", train_metrics)
-                bar.update_to(step, loss=train_metrics["loss"],
-                              tok_s=train_metrics.get("tokens_per_sec", 0.0))
-                pending = []
-            if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-                final = _eval_all(eval_step, state, data, config, workdir, task, batch_shard,
-                                  summarize)
-                final["wall_time"] = wall0 + time.time() - run_start
-                writer.write(step, "eval", final)
-                bar.write(f"step {step}: eval " + " ".join(
-                    f"{k} {v:.4g}" for k, v in final.items() if k != "wall_time"))
-                timer.restart()
             if step == config.get("stop_at_step", 0):
                 stop["signal"] = True  # a preemption drill: same path as SIGTERM
             if multi and multihost_utils.reached_preemption_sync_point(step):
                 stop["signal"] = True
-            ckpt.save(step, state, train_iter.get_state(),
-                      force=step == config.num_train_steps or stop["signal"])
-        if stop["signal"]:
+            # Read once: a SIGTERM arriving later in this step is acted on at the next one,
+            # so the step the loop stops at is always the step it saved.
+            stopping = stop["signal"]
+            last = step == config.num_train_steps or stopping
+            log_now = step % config.log_every_steps == 0 or step == config.num_train_steps
+            eval_now = step % config.eval_every_steps == 0 or step == config.num_train_steps
+            if log_now or eval_now or last or step % ckpt.save_every_steps == 0:
+                check_finite()  # nothing non-finite is logged as good, evaluated or saved
+            if log_now and pending:
+                out = write_train(step, pending)
+                timer.restart()
+                bar.update_to(step, loss=out["loss"], tok_s=out.get("tokens_per_sec", 0.0))
+                pending, skipped["window"] = [], 0
+            if eval_now:
+                final = _eval_all(run, state.params)
+                final["wall_time"] = wall0 + time.time() - run_start
+                run.writer.write(step, "eval", final)
+                bar.write(f"step {step}: eval " + " ".join(
+                    f"{k} {v:.4g}" for k, v in final.items() if k != "wall_time"))
+                timer.restart()
+            ckpt.save(step, state, train_iter.get_state(), force=last)
+        if stopping:
             bar.write(f"stopped early: saved a checkpoint at step {step}; rerun to resume")
         elif final:
-            if hasattr(task, "final_report"):
-                bar.write(task.final_report(final, data["info"]))
-            final = _finish(config, workdir, task, data, state, ckpt, abstract, eval_step,
-                            batch_shard, summarize, writer, bar.write, step, final)
+            bar.write(task.final_report(final, run.data["info"]))
+            final = _finish(run, state, step, final)
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
         ckpt.close()
         bar.close()
-        writer.close()
+        run.writer.close()
     return final
 
 
-def _eval_all(eval_step, state, data, config, workdir, task, batch_shard, summarize):
+def _eval_all(run, params):
     """The eval split's loss metrics, plus the task's prediction metrics (BLEU, EM/F1)."""
-    metrics = evaluate(eval_step, state, data["eval_rows"], config, batch_shard, summarize)
-    if hasattr(task, "evaluate_predictions"):
-        metrics.update(task.evaluate_predictions(state.params, data, config, workdir))
+    metrics = evaluate(run.eval_step, params, run.data["eval_rows"], run.config,
+                       run.setup.batch_shard, run.task.summarize)
+    metrics.update(run.task.evaluate_predictions(params, run.data, run.config, run.workdir))
     return metrics
 
 
-def _finish(config, workdir, task, data, state, ckpt, abstract, eval_step, batch_shard,
-            summarize, writer, log, step, final):
+def _finish(run, state, step, final):
     """After the last step: checkpoint averaging (if configured), then the test split.
 
     Returns `final` with the averaged model's metrics as `averaged_*` and the test split's as
     `test_*`; both are also written to metrics.jsonl (splits "averaged" and "test").
     """
-    num = config.get("average_checkpoints", 0)
+    num, params = run.config.get("average_checkpoints", 0), state.params
     if num > 1:
-        ckpt.wait()  # the final save is asynchronous
-        params, steps = ckpt.average_params(abstract, num)
-        state = state.replace(params=params)
-        averaged = _eval_all(eval_step, state, data, config, workdir, task,
-                             batch_shard, summarize)
-        writer.write(step, "averaged", dict(averaged, checkpoints=len(steps)))
-        log(f"averaged the last {len(steps)} checkpoints (steps {steps[0]}..{steps[-1]}): "
-            + (task.final_report(averaged, data["info"]) if hasattr(task, "final_report")
-               else f"eval loss {averaged['loss']:.4f}"))
+        run.ckpt.wait()  # the final save is asynchronous
+        params, steps = run.ckpt.average_params(run.setup.abstract, num)
+        averaged = _eval_all(run, params)
+        run.writer.write(step, "averaged", dict(averaged, checkpoints=len(steps)))
+        run.log(f"averaged the last {len(steps)} checkpoints (steps {steps[0]}..{steps[-1]}): "
+                + run.task.final_report(averaged, run.data["info"]))
         final = dict(final, **{f"averaged_{k}": v for k, v in averaged.items()})
-    if hasattr(task, "evaluate_test"):
-        test = task.evaluate_test(state.params, data, config)
-        if test:
-            writer.write(step, "test", test)
-            log(task.test_report(test, averaged=num > 1))
-            final = dict(final, **{f"test_{k}": v for k, v in test.items()})
+    test = run.task.evaluate_test(params, run.data, run.config)
+    if test:
+        run.writer.write(step, "test", test)
+        run.log(run.task.test_report(test, averaged=num > 1))
+        final = dict(final, **{f"test_{k}": v for k, v in test.items()})
     return final
 
 
-def restore_params(config, workdir: str, task, average=None):
-    """(params, step) of the latest checkpoint in `workdir`, on the local devices.
+def restore_params(config, workdir: str, task: Task, average=None):
+    """(params, step) of the newest intact checkpoint in `workdir`, on the local devices.
 
     With `average` (default: the run's config.average_checkpoints) above 1, the params are
     the mean of the last `average` checkpoints, as at the end of its training.
@@ -286,16 +258,13 @@ def restore_params(config, workdir: str, task, average=None):
         raise checkpoint.CheckpointMismatchError(
             f"no checkpoint in {ckpt.directory}; train first with "
             f"python -m train.main --config=... --workdir={workdir}")
-    mesh, rules = sharding.make_mesh({"data": -1}), sharding.rules_from_config(config)
-    model = task.build_model(config)
-    tx, _ = optim.make_optimizer(config.opt, config.num_train_steps, config.model.d_model)
-    abstract, _, _ = create_state_fns(task, config, model, tx, mesh, rules)
+    s = step_lib.build(task, config, mesh_config={"data": -1})
     average = config.get("average_checkpoints", 0) if average is None else average
     if average > 1:  # the mean reads the latest checkpoint too: no separate restore
-        params, steps = ckpt.average_params(abstract, average)
+        params, steps = ckpt.average_params(s.abstract, average)
         step = steps[-1]
     else:
-        state, _ = ckpt.restore(abstract)
+        state, _ = ckpt.restore(s.abstract)
         params, step = state.params, int(state.step)
     ckpt.close()
     return params, step

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from train import loop, optim, sharding
+from train import step as step_lib
 
 
 def per_device_bytes(abstract_tree) -> int:
@@ -27,16 +27,12 @@ def per_device_bytes(abstract_tree) -> int:
 
 def compile_step(config, task, devices=None):
     """(compiled train step, abstract sharded state, compile seconds) with nothing allocated."""
-    mesh = sharding.make_mesh(config.mesh, devices)
-    rules = sharding.rules_from_config(config)
-    model = task.build_model(config)
-    tx, schedule = optim.make_optimizer(config.opt, config.num_train_steps, config.model.d_model)
-    abstract, state_sh, _ = loop.create_state_fns(task, config, model, tx, mesh, rules)
-    batch_sh = sharding.batch_sharding(mesh, rules)
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sh),
+    s = step_lib.build(task, config, devices=devices)
+    abstract = s.abstract
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s.batch_shard),
                          jax.eval_shape(lambda: task.init_batch(config, config.batch_size)))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        step = loop.jit_train_step(task, config, model, tx, schedule, state_sh, batch_sh)
+    with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+        step = s.jit_train_step(task, config)
         t0 = time.perf_counter()
         compiled = step.lower(abstract, batch, jax.random.key(0)).compile()
     return compiled, abstract, time.perf_counter() - t0

@@ -27,7 +27,7 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 5, rounds: int = 12,
     """FLOP/s of a jitted n x n matmul on the default device (the CPU 'peak').
 
     The best of `rounds` short rounds: on a shared machine a neighbour's burst slows some
-    rounds, and one long timing once measured half the peak (so MFU read 90%).
+    rounds, and a single long timing can land in such a burst and halve the peak.
     """
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
@@ -79,6 +79,23 @@ def summarize(sums: dict) -> dict:
     for key, value in sums.items():
         if not key.endswith("_sum") and key != "weight_sum":
             out[key] = float(value)
+    return out
+
+
+# Per-step values that are read at the last step of a log window, not summed over it.
+_LAST_VALUE_METRICS = ("grad_norm", "param_norm", "learning_rate")
+_NOT_LOGGED = ("nonfinite",)  # the loop's own flag (train/step.py)
+
+
+def train_means(step_sums, summarize, steps_per_sec, tokens_per_step, step_seconds_at_peak):
+    """Means over the logged steps (exact: sums / counts), last norms and rate, throughput, MFU."""
+    summed = {k: sum(m[k] for m in step_sums) for k in step_sums[0]
+              if k not in _LAST_VALUE_METRICS + _NOT_LOGGED}
+    summed.update({k: step_sums[-1][k] for k in _LAST_VALUE_METRICS})
+    out = summarize(summed)
+    if steps_per_sec is not None:
+        out["tokens_per_sec"] = steps_per_sec * tokens_per_step
+        out["mfu"] = steps_per_sec * step_seconds_at_peak  # model FLOP/s over peak FLOP/s
     return out
 
 

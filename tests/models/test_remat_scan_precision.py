@@ -10,7 +10,8 @@ import pytest
 
 from experiments import gpt as gpt_experiment
 from models import bert, gpt, layers
-from train import loop, optim, sharding
+from train import optim, sharding
+from train import step as step_lib
 from train.tasks import lm, mlm_nsp
 
 NUM_LAYERS = 2
@@ -203,8 +204,8 @@ def _train_losses(config, steps):
     model = lm.build_model(config)
     tx, schedule = optim.make_optimizer(config.opt, config.num_train_steps, config.model.d_model)
     params = jax.jit(lambda: nn.meta.unbox(lm.init_params(model, config, jax.random.key(0))))()
-    state = loop.TrainState(jnp.array(0, jnp.int32), params, tx.init(params))
-    step = jax.jit(loop.make_train_step(functools.partial(lm.loss_fn, model=model, train=True),
+    state = step_lib.TrainState(jnp.array(0, jnp.int32), params, tx.init(params))
+    step = jax.jit(step_lib.make_train_step(functools.partial(lm.loss_fn, model=model, train=True),
                                         tx, schedule, 1))
     rng = np.random.default_rng(0)
     shape = (config.batch_size, config.data.max_len)

@@ -9,7 +9,8 @@ import pytest
 
 from experiments import bert_classify
 from experiments import bert as bert_experiment
-from train import loop, optim
+from train import optim
+from train import step as step_lib
 from train.tasks import classify, mlm_nsp, span_qa
 
 
@@ -90,9 +91,9 @@ def test_overfits_a_tiny_classification_set():
     model = classify.build_model(config)
     params = nn.meta.unbox(classify.init_params(model, config, jax.random.key(0)))
     tx, schedule = optim.make_optimizer(config.opt, 200)
-    step = jax.jit(loop.make_train_step(functools.partial(classify.loss_fn, model=model,
+    step = jax.jit(step_lib.make_train_step(functools.partial(classify.loss_fn, model=model,
                                                           train=True), tx, schedule, 1))
-    state = loop.TrainState(jnp.array(0), params, tx.init(params))
+    state = step_lib.TrainState(jnp.array(0), params, tx.init(params))
     for _ in range(60):
         state, sums = step(state, batch, jax.random.key(1))
     final = classify.summarize(jax.device_get(sums))

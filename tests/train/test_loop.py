@@ -1,5 +1,6 @@
 """The training loop: sharding invariance, accumulation, exact resume, overfitting, golden step."""
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -7,8 +8,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import smoke_config
-from train import loop, optim, sharding
-from train.tasks import lm
+from train import loop, optim, sharding, tasks
+from train import step as step_lib
+
+lm = tasks.get("lm")
 
 
 def _random_batch(config, seed=0):
@@ -29,11 +32,11 @@ def _one_step(config, devices, batch, steps=1):
     rules = sharding.rules_from_config(config)
     model = lm.build_model(config)
     tx, schedule = optim.make_optimizer(config.opt, config.num_train_steps, config.model.d_model)
-    _, state_sh, init_fn = loop.create_state_fns(lm, config, model, tx, mesh, rules)
+    _, state_sh, init_fn = step_lib.create_state_fns(lm, config, model, tx, mesh, rules)
     batch_sh = sharding.batch_sharding(mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = init_fn(jax.random.key(0))
-        step = loop.jit_train_step(lm, config, model, tx, schedule, state_sh, batch_sh)
+        step = step_lib.jit_train_step(lm, config, model, tx, schedule, state_sh, batch_sh)
         losses = []
         for _ in range(steps):
             state, metrics = step(state, sharding.global_batch(batch, batch_sh),
@@ -135,3 +138,66 @@ def test_resume_onto_a_different_device_count(corpus_file, tmp_path):
     assert np.isfinite(final["loss"])
     assert [m["step"] for m in _read_metrics(tmp_path) if m["split"] == "eval"] == [4, 6]
     del params
+
+
+def _poisoned(task, config, workdir, bad_steps):
+    """`task` whose training loss is nan at `bad_steps` (1-based), found by replaying the
+    loop's own data order: the batches those steps read are matched inside the loss."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from data import lm as lm_data
+    data = task.prepare_data(config, str(workdir))
+    it = lm_data.make_iterator(data["train_rows"], config.batch_size, seed=config.seed)
+    batches = [next(it)["inputs"] for _ in range(max(bad_steps))]
+    bad = jnp.asarray(np.stack([batches[s - 1] for s in bad_steps]))
+
+    def loss_fn(params, batch, rng, *, model, train):
+        loss, sums = task.loss_fn(params, batch, rng, model=model, train=train)
+        hit = jnp.any(jnp.all(batch["inputs"][None] == bad, axis=(1, 2))) & train
+        scale = jnp.where(hit, jnp.nan, 1.0)  # nan loss and nan gradients
+        return loss * scale, dict(sums, loss_sum=sums["loss_sum"] * scale)
+    return dataclasses.replace(task, loss_fn=loss_fn)
+
+
+DIVERGE = {"num_train_steps": 12, "log_every_steps": 1, "eval_every_steps": 100,
+           "checkpoint_every_steps": 2, "keep_checkpoints": 10}
+
+
+def test_a_nonfinite_step_stops_the_run_and_keeps_the_last_good_checkpoint(corpus_file,
+                                                                           tmp_path):
+    config = smoke_config(corpus_file, **DIVERGE)
+    task = _poisoned(lm, config, tmp_path / "bad", [7])
+    with pytest.raises(loop.DivergedError, match=r"step 7: the loss is nan.*step 6, is the "
+                                                 r"last good one"):
+        loop.train_and_evaluate(config, str(tmp_path / "bad"), task)
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "bad" / "checkpoints"))
+    assert saved == [2, 4, 6]
+    logged = _read_metrics(tmp_path / "bad")
+    assert [m["step"] for m in logged] == list(range(1, 8))
+    assert np.isnan(logged[-1]["loss"]) and all(np.isfinite(m["loss"]) for m in logged[:-1])
+    # The newest checkpoint is the state of a clean run after 6 steps (the poisoned loss is a
+    # different program, hence the float-rounding tolerance).
+    loop.train_and_evaluate(smoke_config(corpus_file, stop_at_step=6, **DIVERGE),
+                            str(tmp_path / "clean"), lm)
+    bad, step = loop.restore_params(config, str(tmp_path / "bad"), lm)
+    clean, _ = loop.restore_params(config, str(tmp_path / "clean"), lm)
+    assert step == 6
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), bad, clean)
+
+
+def test_skip_nonfinite_steps_skips_and_counts_them_up_to_the_limit(corpus_file, tmp_path):
+    config = smoke_config(corpus_file, skip_nonfinite_steps=2, **DIVERGE)
+    final = loop.train_and_evaluate(config, str(tmp_path / "skip"),
+                                    _poisoned(lm, config, tmp_path / "skip", [5]))
+    assert np.isfinite(final["loss"])
+    logged = [m for m in _read_metrics(tmp_path / "skip") if m["split"] == "train"]
+    assert [m["step"] for m in logged] == [s for s in range(1, 13) if s != 5]
+    assert sum(m["skipped_steps"] for m in logged) == 1 and logged[4]["skipped_steps"] == 1
+    assert all(np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]) for m in logged)
+    # Three in a row is one more than the limit allows.
+    config = smoke_config(corpus_file, skip_nonfinite_steps=2, **DIVERGE)
+    with pytest.raises(loop.DivergedError, match="step 7"):
+        loop.train_and_evaluate(config, str(tmp_path / "limit"),
+                                _poisoned(lm, config, tmp_path / "limit", [5, 6, 7]))

@@ -8,11 +8,13 @@ import pytest
 from experiments import bert as bert_experiment
 from experiments import gpt as gpt_experiment
 from experiments import transformer as transformer_experiment
-from train import loop, memory, optim, sharding
-from train.tasks import lm, mlm_nsp, seq2seq
+from train import memory, optim, sharding, tasks
+from train import step as step_lib
+from train.config import ConfigError
 
-FAMILIES = {"gpt": (gpt_experiment, lm), "bert": (bert_experiment, mlm_nsp),
-            "transformer": (transformer_experiment, seq2seq)}
+FAMILIES = {"gpt": (gpt_experiment, tasks.get("lm")),
+            "bert": (bert_experiment, tasks.get("mlm_nsp")),
+            "transformer": (transformer_experiment, tasks.get("seq2seq"))}
 STRATEGIES = {"fsdp": {"data": 1, "fsdp": 8, "tensor": 1},
               "tensor": {"data": 4, "fsdp": 1, "tensor": 2}}
 
@@ -29,12 +31,12 @@ def _first_loss(config, task, devices):
     mesh, rules = sharding.make_mesh(config.mesh, devices), sharding.rules_from_config(config)
     model = task.build_model(config)
     tx, schedule = optim.make_optimizer(config.opt, config.num_train_steps, config.model.d_model)
-    _, state_sh, init_fn = loop.create_state_fns(task, config, model, tx, mesh, rules)
+    _, state_sh, init_fn = step_lib.create_state_fns(task, config, model, tx, mesh, rules)
     batch_sh = sharding.batch_sharding(mesh, rules)
     batch = task.bench_batch(config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = init_fn(jax.random.key(0))
-        step = loop.jit_train_step(task, config, model, tx, schedule, state_sh, batch_sh)
+        step = step_lib.jit_train_step(task, config, model, tx, schedule, state_sh, batch_sh)
         state, sums = step(state, sharding.global_batch(batch, batch_sh), jax.random.key(1))
     return float(sums["loss_sum"] / sums["weight_sum"]), jax.device_get(state.params)
 
@@ -87,5 +89,5 @@ def test_dry_run_prints_per_device_memory_and_writes_nothing(tmp_path):
 def test_a_dimension_the_mesh_cannot_split_is_a_config_error():
     config = _config("gpt", {"data": 1, "fsdp": 1, "tensor": 8})
     config.model.vocab_size = 500  # not a multiple of 8 (nor are the 2 heads)
-    with pytest.raises(sharding.ConfigError, match="cannot be split evenly.*config.mesh"):
-        memory.memory_report(config, lm)
+    with pytest.raises(ConfigError, match="cannot be split evenly.*config.mesh"):
+        memory.memory_report(config, tasks.get("lm"))

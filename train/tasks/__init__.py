@@ -1,21 +1,97 @@
-"""Training objectives, one module each; `get(config.task)` picks one.
+"""Training objectives, one module each; `get(config.task)` returns one as a `Task`.
 
-A task module gives the loop build_model, prepare_data, loss_fn (a loss *sum* and metric sums),
-init_params, flops_per_token and bench_batch; optionally summarize, final_report,
-load_pretrained (fine-tuning) and evaluate_predictions (metrics that need whole predictions).
-Modules are imported on demand so one task's dependencies never load for another.
+A task module defines the hooks below as module-level functions; `Task` is the written
+interface the loop, the dry run, the benchmark and the tools call. Modules are imported on
+demand so one task's dependencies never load for another.
 """
+import dataclasses
 import importlib
+from typing import Any, Callable, Optional
 
 NAMES = ("lm", "mlm_nsp", "classify", "span_qa", "seq2seq")
 
 
-def get(name: str):
-    """The task module called `name`."""
+def _default_final_report(final: dict, info: dict) -> str:
+    return f"final eval loss {final['loss']:.4f}"
+
+
+def _no_predictions(params, data, config, workdir) -> dict:
+    return {}
+
+
+def _no_test_split(params, data, config) -> dict:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """The hooks of one objective. `batch` is a dict of arrays with a leading batch axis.
+
+    Required, defined by every task module:
+      build_model(config, **overrides) -> flax module of config.model (overrides such as
+          decode=True or attention="reference" give its variants)
+      prepare_data(config, workdir) -> dict with "train_rows" and "eval_rows" (dicts of
+          equal-length arrays, one row per example), "tokenizer" and "info" (a dict for the
+          log); tasks may add entries their other hooks read
+      init_params(model, config, rng) -> parameters boxed with logical axis names
+      init_batch(config, batch_size) -> a batch of the real shapes and dtypes
+      loss_fn(params, batch, rng, *, model, train) -> (loss sum, metric sums); the sums hold
+          "weight_sum", the count the loop divides the summed loss and gradients by
+      flops_per_token(config) -> training FLOPs per token, for MFU
+      bench_batch(config) -> a numpy batch of random data (experiments/bench.py)
+    Optional, with the default used when a module leaves it out:
+      summarize(sums) -> metric means                        [train.metrics.summarize]
+      final_report(final eval metrics, info) -> closing line  [the eval loss]
+      evaluate_predictions(params, data, config, workdir) -> metrics that need whole
+          predictions (BLEU, exact match), merged into every eval              [none]
+      evaluate_test(params, data, config) -> test-split metrics, once at the end [none]
+      test_report(test metrics, averaged) -> line for the test split      [unused if none]
+      load_pretrained(config, shardings) -> params of config.init_from, placed as the
+          shardings say, that replace the fresh ones      [None: init_from is refused]
+    """
+    name: str
+    build_model: Callable[..., Any]
+    prepare_data: Callable[..., dict]
+    init_params: Callable[..., Any]
+    init_batch: Callable[..., dict]
+    loss_fn: Callable[..., tuple]
+    flops_per_token: Callable[..., float]
+    bench_batch: Callable[..., dict]
+    summarize: Callable[[dict], dict]
+    final_report: Callable[[dict, dict], str] = _default_final_report
+    evaluate_predictions: Callable[..., dict] = _no_predictions
+    evaluate_test: Callable[..., dict] = _no_test_split
+    test_report: Optional[Callable[[dict, bool], str]] = None
+    load_pretrained: Optional[Callable[..., dict]] = None
+    module: Any = None  # the task module itself, for its task-specific helpers
+
+
+REQUIRED_HOOKS = ("build_model", "prepare_data", "init_params", "init_batch", "loss_fn",
+                  "flops_per_token", "bench_batch")
+OPTIONAL_HOOKS = ("summarize", "final_report", "evaluate_predictions", "evaluate_test",
+                  "test_report", "load_pretrained")
+
+
+def from_module(name: str, module) -> Task:
+    """The Task of a module; a missing required hook is named in the error."""
+    missing = [hook for hook in REQUIRED_HOOKS if not callable(getattr(module, hook, None))]
+    if missing:
+        raise TypeError(f"task module {module.__name__} lacks the required hooks {missing} "
+                        "(train/tasks/__init__.py Task lists them)")
+    from train import metrics
+    hooks = {hook: getattr(module, hook) for hook in REQUIRED_HOOKS}
+    hooks.update({hook: getattr(module, hook) for hook in OPTIONAL_HOOKS
+                  if callable(getattr(module, hook, None))})
+    hooks.setdefault("summarize", metrics.summarize)
+    return Task(name=name, module=module, **hooks)
+
+
+def get(name: str) -> Task:
+    """The task called `name`."""
     if name not in NAMES:
-        from train.sharding import ConfigError
+        from train.config import ConfigError
         raise ConfigError(f"unknown config.task {name!r}; known tasks: {list(NAMES)}")
-    return importlib.import_module(f"train.tasks.{name}")
+    return from_module(name, importlib.import_module(f"train.tasks.{name}"))
 
 
 def read_run_config(workdir: str, how_to_make_one: str):

@@ -1,0 +1,123 @@
+"""The training step and the sharded train state: everything between a batch and new weights.
+
+`train_step(state, batch, rng) -> (state, metrics)` is a pure function of a task's loss_fn,
+jitted once with in/out shardings and a donated state. `build(task, config)` makes what every
+user of the step needs (mesh, model, optimizer, abstract sharded state, init function), so the
+loop, the dry run and the benchmark construct it the same way.
+"""
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from train import optim, sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def make_train_step(loss_fn, tx, schedule, grad_accum_steps: int):
+    """Returns train_step(state, batch, rng) -> (state, metrics) for a task's loss_fn.
+
+    With accumulation the batch is split into `grad_accum_steps` micro-batches scanned in
+    sequence; gradients of the summed loss are added and divided once by the total token
+    count, so the update equals the one of a single large batch.
+
+    A step whose summed loss or gradient norm is not finite leaves the parameters and the
+    optimizer state as they were (only the step count moves) and reports nonfinite = 1: its
+    update would have turned every parameter into nan. The loop then stops or skips it.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch, rng):
+        rng = jax.random.fold_in(rng, state.step)
+        if grad_accum_steps == 1:
+            (_, sums), grads = grad_fn(state.params, batch, rng)
+        else:
+            micro = jax.tree.map(
+                lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
+
+            def accumulate(carry, xs):
+                i, mb = xs
+                (_, s), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (g, s)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng)))
+            (grads, sums), _ = jax.lax.scan(
+                accumulate, (zeros[1], zeros[0][1]), (jnp.arange(grad_accum_steps), micro))
+        count = jnp.maximum(sums["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # An elementwise select XLA fuses into the update itself: no extra pass over memory.
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+        sums = dict(sums, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
+                    learning_rate=schedule(state.step),
+                    nonfinite=1.0 - finite.astype(jnp.float32))
+        return TrainState(state.step + 1, params, opt_state), sums
+
+    return train_step
+
+
+def jit_train_step(task, config, model, tx, schedule, state_shardings, batch_shard):
+    """The task's train_step, jitted once with shardings and a donated state."""
+    step_fn = make_train_step(functools.partial(task.loss_fn, model=model, train=True), tx,
+                              schedule, config.opt.grad_accum_steps)
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shard, None),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def create_state_fns(task, config, model, tx, mesh, rules):
+    """(abstract sharded state, its shardings, jitted init_fn(rng) -> state on the mesh)."""
+    def init_boxed(rng):
+        params = task.init_params(model, config, rng)
+        return TrainState(jnp.array(0, jnp.int32), params, tx.init(params))
+
+    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            nn.meta.unbox(boxed), shardings)
+    init_fn = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=shardings)
+    return abstract, shardings, init_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """A task's model, optimizer and sharded state layout on one mesh."""
+    mesh: Any
+    rules: tuple
+    model: Any
+    tx: Any
+    schedule: Callable
+    abstract: TrainState  # jax.ShapeDtypeStruct leaves carrying their shardings
+    state_shardings: TrainState
+    init_fn: Callable  # rng -> TrainState placed on the mesh
+    batch_shard: Any
+
+    def jit_train_step(self, task, config):
+        return jit_train_step(task, config, self.model, self.tx, self.schedule,
+                              self.state_shardings, self.batch_shard)
+
+
+def build(task, config, mesh_config=None, devices=None) -> Setup:
+    """The Setup of `task` under `config` (mesh: config.mesh unless `mesh_config` is given)."""
+    mesh = sharding.make_mesh(config.mesh if mesh_config is None else mesh_config, devices)
+    rules = sharding.rules_from_config(config)
+    model = task.build_model(config)
+    tx, schedule = optim.make_optimizer(config.opt, config.num_train_steps, config.model.d_model)
+    abstract, shardings, init_fn = create_state_fns(task, config, model, tx, mesh, rules)
+    return Setup(mesh, rules, model, tx, schedule, abstract, shardings, init_fn,
+                 sharding.batch_sharding(mesh, rules))
