@@ -13,13 +13,12 @@ upper triangle is empty). The weights come from the explicit einsum/softmax atte
 which computes the same function as the fast path (tests/models/test_layers.py).
 """
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -27,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from data import tokenizer as tok  # noqa: E402
 from data.errors import DataError  # noqa: E402
 from models import layers  # noqa: E402
-from train import checkpoint, tasks  # noqa: E402
+from train import checkpoint, cli, tasks  # noqa: E402
 from train.tasks import seq2seq  # noqa: E402
 
 flags.DEFINE_string("workdir", "", "A trained run folder (GPT, BERT or Transformer).")
@@ -112,8 +111,7 @@ def main(argv):
         config, tokenizer, params, task = tasks.load_run(FLAGS.workdir)
         rows, cols, maps, kind = attention_weights(config, params, task, tokenizer, FLAGS.text)
     except (DataError, checkpoint.CheckpointMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
     os.makedirs(FLAGS.out, exist_ok=True)
     for name, weights in jax.tree_util.tree_leaves_with_path(maps):
         layer = jax.tree_util.keystr(name).strip("[]'")
@@ -123,4 +121,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -62,6 +62,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.average_checkpoints = 0  # >1: evaluate the mean of the last N checkpoints at the end
     c.stop_at_step = 0
+    # A step whose loss or gradient norm is not finite stops the run (0), or is skipped, up to
+    # this many in a row, and counted in the metrics as skipped_steps.
+    c.skip_nonfinite_steps = 0
 
     if arg in ("smoke", "tiny", "mini"):
         # Small models on a 2-core CPU: no dropout, a short warmup and a larger step size.

@@ -14,6 +14,8 @@ import sys
 
 from absl import app
 from absl import flags
+
+from train import cli
 import matplotlib
 matplotlib.use("Agg")  # No display on clusters; must come before pyplot is imported.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -203,4 +205,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,16 +11,15 @@ static token-embedding lookup, which is 1.0 everywhere because the lookup ignore
 """
 import os
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from data import tokenizer as tok
 from data.errors import DataError
-from train import checkpoint, tasks
+from train import checkpoint, cli, tasks
 
 flags.DEFINE_string("workdir", None, "A BERT run folder (pretrained or fine-tuned).",
                     required=True)
@@ -88,17 +87,14 @@ def main(argv):
         config, tokenizer, params, _ = tasks.load_run(FLAGS.workdir, families=("bert",))
         results = [embed(config, params, tokenizer, t) for t in texts]
     except (DataError, checkpoint.CheckpointMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
     if FLAGS.word:
         table = np.asarray(jax.device_get(params["word_embeddings"]["embedding"]))
         found = [(i, word_vectors(FLAGS.word, t, r[2], r[3], table, r[0]))
                  for i, (t, r) in enumerate(zip(texts, results))]
         found = [(i, v) for i, v in found if v is not None]
         if len(found) < 2:
-            print(f"error: --word={FLAGS.word!r} occurs in fewer than two --text sentences",
-                  file=sys.stderr)
-            sys.exit(2)
+            cli.fail(f"--word={FLAGS.word!r} occurs in fewer than two --text sentences")
         for i, _ in found:
             print(f"  s{i + 1}: {texts[i]}")
         print_table(f"contextual ({config.model.num_layers}-layer output) cosine similarity "
@@ -121,4 +117,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -59,6 +59,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.average_checkpoints = 0  # >1: evaluate the mean of the last N checkpoints at the end
     c.stop_at_step = 0  # >0: save and exit after this step, as on SIGTERM (preemption drills)
+    # A step whose loss or gradient norm is not finite stops the run (0), or is skipped, up to
+    # this many in a row, and counted in the metrics as skipped_steps.
+    c.skip_nonfinite_steps = 0
 
     if arg == "smoke":
         c.model.dropout_rate = 0.0
@@ -79,9 +82,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.model.query_blocks = 4
         c.batch_size = 16 if arg == "bench_small" else 4
         if arg == "bench_small":
-            # On a CPU, two devices run the two batch halves side by side: 4,355-4,547 tokens/s
-            # against 3,669-4,173 with one on the 2-core CPU (README). bench_124m ran slower
-            # with two (141 against 217), so it keeps one. Ignored on GPU/TPU.
+            # On a CPU, two devices run the two batch halves side by side, which is faster at
+            # this shape and slower at bench_124m's (README "Benchmark"). Ignored on GPU/TPU.
             c.mesh.cpu_devices = 2
     elif arg == "gpt1":
         c.opt.learning_rate, c.opt.warmup_steps = 2.5e-4, 2000  # Radford et al. 2018, sec. 4.1

@@ -5,18 +5,17 @@
       --question="Who did Isaac become the father of?"
 
 Long contexts are windowed exactly as in training. For a SQuAD v2.0 run, the answer is "no
-answer" when the [CLS] (null) score beats the best span by more than the threshold tuned on the
-dev set (null_threshold.json in the workdir).
+answer" when the [CLS] (null) score beats the best span by more than the threshold the run chose
+on training questions held apart from training (null_threshold.json in the workdir).
 """
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from data import squad
 from data.errors import DataError
-from train import checkpoint, tasks
+from train import checkpoint, cli, tasks
 from train.tasks import span_qa
 
 flags.DEFINE_string("workdir", None, "A fine-tuned span-QA run folder.", required=True)
@@ -48,7 +47,7 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only opens
     try:
         config, tokenizer, params, task = tasks.load_run(FLAGS.workdir, families=("bert",))
-        if task is not span_qa:
+        if task.name != "span_qa":
             raise DataError(f"{FLAGS.workdir} is a {config.task} run, not span QA; fine-tune "
                             "one with experiments/bert_squad.py")
         threshold = None
@@ -58,12 +57,11 @@ def main(argv):
                 threshold = json.load(f)["null_threshold"]
         text, diff = answer(config, tokenizer, params, FLAGS.context, FLAGS.question, threshold)
     except (DataError, checkpoint.CheckpointMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
     print(f"answer: {text}" if text else "answer: (no answer in the context)")
     print(f"null score - best span score: {diff:.3f}"
           + (f" (threshold {threshold:.3f})" if threshold is not None else ""))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

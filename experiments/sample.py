@@ -12,12 +12,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import flags, logging
 
 from data import tokenizer as tok
 from data.errors import DataError
 from models import gpt
-from train import checkpoint, tasks
+from train import checkpoint, cli, tasks
 from train.tasks import lm
 
 flags.DEFINE_string("workdir", None, "A trained run folder.", required=True)
@@ -30,6 +30,13 @@ flags.DEFINE_integer("num_samples", 1, "Samples drawn in parallel.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("show_probs", 0, "Print the N most likely next tokens after the prompt.")
 FLAGS = flags.FLAGS
+cli.at_least("temperature", 0.0, " (0 = greedy)")
+cli.at_least("top_k", 0, " (0 = off)")
+cli.within("top_p", 0.0, 1.0, " (1 = off)", low_open=True)
+cli.at_least("max_new_tokens", 1)
+cli.at_least("num_samples", 1)
+cli.at_least("seed", 0)
+cli.at_least("show_probs", 0, " (0 = off)")
 
 
 def encode_prompt(prompt: str, tokenizer, max_len: int) -> list[int]:
@@ -71,9 +78,11 @@ def main(argv):
     try:
         config, tokenizer, params, _ = tasks.load_run(FLAGS.workdir, families=("gpt",))
         ids = encode_prompt(FLAGS.prompt, tokenizer, config.model.max_len)
+        if FLAGS.show_probs > tokenizer.vocab_size:
+            raise DataError(f"--show_probs={FLAGS.show_probs} exceeds the vocabulary of "
+                            f"{tokenizer.vocab_size} tokens; ask for fewer")
     except (DataError, checkpoint.CheckpointMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
     room = config.model.max_len - len(ids)
     if FLAGS.max_new_tokens > room:
         print(f"note: --max_new_tokens={FLAGS.max_new_tokens} cut to {room} to fit the "
@@ -93,4 +102,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

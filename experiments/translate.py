@@ -9,14 +9,15 @@ source length + 50 tokens); --beam_size=1 is greedy decoding. A run trained with
 config.average_checkpoints=N translates with the mean of its last N checkpoints, as its final
 test BLEU did (--average=1: the last checkpoint alone).
 """
+import math
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from data import sources
 from data.errors import DataError
-from train import checkpoint, tasks
+from train import checkpoint, cli, tasks
 from train.tasks import seq2seq
 
 flags.DEFINE_string("workdir", None, "A trained translation run folder.", required=True)
@@ -26,6 +27,9 @@ flags.DEFINE_float("alpha", -1.0, "Length penalty (negative: the run's config.de
 flags.DEFINE_integer("average", -1, "Translate with the mean of the last N checkpoints (1: the "
                      "last checkpoint alone; negative: the run's config.average_checkpoints).")
 FLAGS = flags.FLAGS
+cli.at_least("beam_size", 0, " (0: the run's config.decode.beam_size; 1: greedy)")
+flags.register_validator("alpha", math.isfinite, message="--alpha must be a finite number "
+                         "(negative: the run's config.decode.alpha)")
 
 
 def read_lines(path: str) -> list[str]:
@@ -50,19 +54,19 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only opens
     try:
-        lines = read_lines(FLAGS.input)
+        # The run is checked first: a wrong --workdir is reported as such, before stdin is read.
         config, tokenizer, params, _ = tasks.load_run(
             FLAGS.workdir, families=("transformer",),
             average=None if FLAGS.average < 0 else FLAGS.average)
+        lines = read_lines(FLAGS.input)
         outputs = seq2seq.translate(params, lines, tokenizer, config,
                                     beam_size=FLAGS.beam_size or None,
                                     alpha=None if FLAGS.alpha < 0 else FLAGS.alpha)
     except (DataError, checkpoint.CheckpointMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
     for line in outputs:
         print(line)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

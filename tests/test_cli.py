@@ -11,8 +11,9 @@ import time
 import pytest
 
 from tests.conftest import smoke_config
-from train import checkpoint, loop
-from train.tasks import lm
+from train import checkpoint, loop, tasks
+
+lm = tasks.get("lm")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -174,3 +175,85 @@ def test_attention_maps_for_gpt(trained_run, tmp_path):
     run("experiments.attention", f"--workdir={trained_run}", "--text=The king",
         f"--out={tmp_path}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["self_h_0.png", "self_h_1.png"]
+
+
+SMOKE = ["--config=experiments/gpt.py:smoke"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config=experiments/nope.py", "--workdir=W"], "no experiment file experiments/nope.py"),
+    (["--config=experiments/gpt.py:no_such_variant", "--workdir=W"], "unknown GPT variant"),
+    (SMOKE, "--workdir is required"),
+    (SMOKE + ["--workdir=W", "--bogus=1"], "unknown flag --bogus"),
+    (SMOKE + ["--workdir=W", "--config.num_train_steps=-5"], "num_train_steps=-5"),
+    (SMOKE + ["--workdir=W", "--config.num_train_steps=abc"], "num_train_steps=abc"),
+    (SMOKE + ["--workdir=W", "--config.model.num_layers=0"], "model.num_layers=0"),
+    (SMOKE + ["--workdir=W", "--config.model.num_heads=3"], "not divisible"),
+    (SMOKE + ["--workdir=W", "--config.opt.learning_rate=nan"], "opt.learning_rate=nan"),
+    (SMOKE + ["--workdir=W", "--config.model.dropout_rate=1.5"], "model.dropout_rate=1.5"),
+    (SMOKE + ["--workdir=W", "--config.opt.schedule=steps"], "opt.schedule='steps'"),
+    (SMOKE + ["--workdir=W", "--config.batch_size=12"], "does not split evenly"),
+    (SMOKE + ["--workdir=FILE"], "is a file, not a folder"),
+])
+def test_bad_command_lines_are_one_line_errors(args, needle, tmp_path):
+    regular_file = tmp_path / "file.txt"
+    regular_file.write_text("not a run folder")
+    args = [a.replace("=W", f"={tmp_path / 'run'}").replace("=FILE", f"={regular_file}")
+            for a in args]
+    _assert_clear_error(run("train.main", *args, check=False), needle)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, needle", [
+    ("--max_new_tokens=-1", "--max_new_tokens must be"),
+    ("--temperature=-1", "--temperature must be"),
+    ("--top_p=1.5", "--top_p must be in (0.0, 1.0]"),
+    ("--top_p=0", "--top_p must be in (0.0, 1.0]"),
+    ("--top_k=-3", "--top_k must be"),
+    ("--num_samples=0", "--num_samples must be"),
+    ("--show_probs=100000", "exceeds the vocabulary"),
+])
+def test_sampling_flags_out_of_range(trained_run, flag, needle):
+    _assert_clear_error(run("experiments.sample", f"--workdir={trained_run}", flag,
+                            check=False), needle)
+
+
+def test_resuming_with_another_batch_size_is_refused(trained_run, corpus_file):
+    before = tree_digest(trained_run / "checkpoints")
+    proc = train(trained_run, corpus_file, "--config.num_train_steps=40",
+                 "--config.batch_size=16", check=False)
+    _assert_clear_error(proc, "batch_size: saved 8 vs now 16")
+    assert tree_digest(trained_run / "checkpoints") == before
+
+
+def test_resuming_with_more_micro_batches_is_the_same_run_and_says_so(trained_run, corpus_file,
+                                                                      tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy)
+    proc = train(copy, corpus_file, "--config.num_train_steps=35",
+                 "--config.opt.grad_accum_steps=2")
+    notes = [line for line in (proc.stdout + proc.stderr).splitlines()
+             if "changed since the saved run" in line]
+    assert len(notes) == 1, proc.stderr[-2000:]
+    assert "opt.grad_accum_steps 1 -> 2" in notes[0] and "num_train_steps 30 -> 35" in notes[0]
+
+
+def test_divergence_exits_nonzero_naming_the_step_with_the_good_checkpoint_newest(
+        tmp_path, corpus_file):
+    proc = train(tmp_path, corpus_file, "--config.opt.learning_rate=1e6",
+                 "--config.opt.clip_grad_norm=0", "--config.checkpoint_every_steps=2",
+                 "--config.keep_checkpoints=5", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "so training stopped" in errors[0], proc.stderr[-2000:]
+    bad_step = int(errors[0].split("step ")[1].split(":")[0])
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints"))
+    assert saved and saved[-1] < bad_step and f"step {saved[-1]}, is the last good" in errors[0]
+
+
+def test_translate_checks_the_run_before_reading_stdin(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "experiments.translate",
+                           f"--workdir={tmp_path}"], cwd=ROOT, input="", capture_output=True,
+                          text=True, timeout=300)
+    _assert_clear_error(proc, "not a run folder")

@@ -3,10 +3,8 @@
 XLA:CPU allocates a step's temporaries afresh at every execution: hundreds of MiB at the bench
 shapes (logits, attention weights, activations kept for the backward pass). glibc's malloc
 serves each allocation above 32 MiB with a new mmap and unmaps it on free, so every training
-step faulted all of those pages in again. Measured on a 2-core CPU: 133,000 minor page faults
-and 0.25 s of kernel time a step at transformer_bench_small, 217,000 and 0.4 s at GPT
-bench_small; without them the step is 13-16% and 28% shorter (experiments/bench.py with and
-without KEEP_FREED_MEMORY=0).
+step would fault all of those pages in again (hundreds of thousands of minor faults a step;
+tests/train/test_host.py counts them).
 
 `keep_freed_memory()` tells glibc (mallopt(3)) to serve every thread from the main heap, never
 to mmap, and to keep freed memory instead of trimming it, so the next step reuses the pages
@@ -19,8 +17,8 @@ device, and their hosts keep the default allocator. Set KEEP_FREED_MEMORY=0 to t
 
 `split_cpu_devices(n)` (config.mesh.cpu_devices) exposes the host's cores as n XLA devices, so
 the mesh's data axis runs n batch shards side by side instead of splitting every op across
-the cores. Whether that pays depends on the shape: on the 2-core CPU GPT bench_small ran
-4,355-4,547 tokens/s with 2 devices against 3,669-4,173 with one, bench_124m 141 against 217.
+the cores. Whether that pays depends on the shape (small ops gain, large matmuls lose), so it
+is a per-preset choice measured with experiments/bench.py.
 """
 import ctypes
 import importlib.util
@@ -72,7 +70,7 @@ def split_cpu_devices(count: int) -> bool:
     except RuntimeError as e:  # the backend has started already (a caller used JAX first)
         if jax.device_count() == count:
             return True
-        from train.sharding import ConfigError  # pylint: disable=import-outside-toplevel
+        from train.config import ConfigError  # pylint: disable=import-outside-toplevel
         raise ConfigError(f"config.mesh.cpu_devices={count} could not be applied: JAX has "
                           f"already started with {jax.device_count()} devices. Set it "
                           "before the first JAX call, or leave it at 0.") from e

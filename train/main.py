@@ -9,14 +9,14 @@ trained, read or written). Multi-host: the same
 command on every host; under SLURM or on a TPU pod slice JAX finds the other processes itself,
 elsewhere add --coordinator_address=HOST:PORT --num_processes=N --process_id=I (README).
 """
-import re
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from data.errors import DataError
-from train import checkpoint, host, loop, memory, multihost, sharding, tasks
+from train import checkpoint, cli, config as config_lib, host, loop, memory, multihost, tasks
+from train.config import ConfigError
 
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, tokenizer.")
 config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/gpt.py:tiny",
@@ -30,27 +30,15 @@ flags.DEFINE_bool("dry_run", False, "Compile the train step for the configured m
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def parse_flags(argv):
-    """absl parsing, with a bad --config.<key> override turned into one readable line."""
-    try:
-        return flags.FLAGS(argv)
-    except (KeyError, AttributeError, TypeError, ValueError, flags.Error) as e:
-        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        detail = re.sub(r"\\n|\n|[\\'\"]", " ", str(e))
-        detail = " ".join(detail.split())
-        print(f"error: bad config override among {overrides or argv[1:]}: {detail}. "
-              "Fix the key (keys are listed in the experiment file's get_config) "
-              "or the value's type.", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        cli.fail(f"unexpected arguments {argv[1:]}; flags are written --name=value")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
     host.keep_freed_memory()  # CPU runs: reuse the step's memory (before JAX starts threads)
     config, fl = flags.FLAGS.config, flags.FLAGS
     try:
+        config_lib.validate(config)
+        config_lib.check_workdir(fl.workdir)
         # Both first: the CPU device count and jax.distributed.initialize cannot change once
         # a JAX device has been used.
         host.split_cpu_devices(config.mesh.get("cpu_devices", 0))
@@ -61,10 +49,12 @@ def main(argv):
             print(memory.format_report(memory.memory_report(config, task), config))
             return
         loop.train_and_evaluate(config, fl.workdir, task)
-    except (DataError, checkpoint.CheckpointMismatchError, sharding.ConfigError) as e:
+    except (DataError, checkpoint.CheckpointMismatchError, ConfigError) as e:
+        cli.fail(str(e))
+    except loop.DivergedError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

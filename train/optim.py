@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from train import sharding
+from train.config import ConfigError
 
 
 def noam_schedule(d_model: int, warmup_steps: int, scale: float = 1.0):
@@ -35,7 +35,7 @@ def make_schedule(opt, num_train_steps: int, d_model: int = 0):
         return optax.join_schedules(
             [optax.linear_schedule(0.0, lr, warmup),
              optax.linear_schedule(lr, end_lr, decay_steps)], [warmup])
-    raise sharding.ConfigError(f"unknown config.opt.schedule {opt.schedule!r}; "
+    raise ConfigError(f"unknown config.opt.schedule {opt.schedule!r}; "
                      "use cosine, linear, constant or noam")
 
 

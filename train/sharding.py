@@ -11,11 +11,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from train.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work (reported to the user in one line)."""
 
 # Logical name -> mesh axes. `embed` on fsdp shards every weight matrix along d_model when
 # fsdp > 1 and is a no-op when fsdp == 1.

@@ -1,0 +1,154 @@
+"""The checks every experiment config passes before a run starts, and their one error type.
+
+An experiment file (experiments/*.py) fixes the keys and their types; `--config.<key>=value`
+overrides are type-checked by ml_collections. What types cannot say (a step count of -5, a
+dropout rate of 2, a learning rate of nan, 7 heads for a width of 32) is checked here, so a
+meaningless value is one line naming the key, the valid range and the fix, before any file is
+read or written. Keys a config does not have are skipped: each family has its own.
+"""
+import math
+import os
+
+REMAT = ("none", "full", "dots_saveable")  # models/layers.py REMAT_POLICIES
+ATTENTION = ("fast", "xla", "cudnn", "reference")  # models/layers.py MultiHeadAttention
+ACTIVATIONS = ("relu", "gelu", "gelu_exact")  # models/layers.py ACTIVATIONS
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "linear", "constant", "noam")  # train/optim.py
+TOKENIZERS = ("bpe", "unigram")  # data/tokenizer.py
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work (reported to the user in one line)."""
+
+
+def _integer(low):
+    def check(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+    return check, f"an integer >= {low}"
+
+
+def _number(low, high, low_open=False, high_open=False):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if high == math.inf:
+        return check, f"a finite number {'>' if low_open else '>='} {low:g}"
+    if low == -math.inf:
+        return check, "a finite number"
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    return check, f"a finite number in {left}{low:g}, {high:g}{right}"
+
+
+def _choice(*options):
+    return (lambda v: v in options), f"one of {list(options)}"
+
+
+def _mesh_axis():
+    return (lambda v: isinstance(v, int) and (v >= 1 or v == -1)), \
+        "a device count >= 1, or -1 for the devices left over"
+
+
+POSITIVE, NON_NEGATIVE = _integer(1), _integer(0)
+# key -> (check, what it must be[, hint]).
+RULES = {
+    "seed": NON_NEGATIVE,
+    "batch_size": POSITIVE, "eval_batch_size": POSITIVE, "num_train_steps": POSITIVE,
+    "eval_every_steps": POSITIVE, "log_every_steps": POSITIVE,
+    "checkpoint_every_steps": POSITIVE, "keep_checkpoints": POSITIVE,
+    "num_eval_steps": NON_NEGATIVE + ("(0: the whole eval split)",),
+    "average_checkpoints": NON_NEGATIVE + ("(0 or 1: off)",),
+    "stop_at_step": NON_NEGATIVE + ("(0: off)",),
+    "skip_nonfinite_steps": NON_NEGATIVE + ("(0: stop at the first non-finite step)",),
+    "model.vocab_size": POSITIVE, "model.max_len": POSITIVE, "model.num_layers": POSITIVE,
+    "model.d_model": POSITIVE, "model.num_heads": POSITIVE, "model.d_ff": POSITIVE,
+    "model.type_vocab_size": POSITIVE, "model.num_labels": POSITIVE,
+    "model.query_blocks": POSITIVE,
+    "model.dropout_rate": _number(0, 1, high_open=True),
+    "model.attention_dropout_rate": _number(0, 1, high_open=True),
+    "model.label_smoothing": _number(0, 1, high_open=True),
+    "model.dtype": _choice(*DTYPES), "model.param_dtype": _choice(*DTYPES),
+    "model.attention": _choice(*ATTENTION), "model.remat": _choice(*REMAT),
+    "model.activation": _choice(*ACTIVATIONS),
+    "data.max_len": POSITIVE, "data.max_predictions": POSITIVE, "data.dupe_factor": POSITIVE,
+    "data.doc_stride": POSITIVE, "data.max_query_len": POSITIVE, "data.n_best": POSITIVE,
+    "data.max_answer_len": POSITIVE, "data.eval_sentences": POSITIVE,
+    "data.num_synthetic": POSITIVE,
+    "data.eval_fraction": _number(0, 1, low_open=True, high_open=True),
+    "data.mask_prob": _number(0, 1, low_open=True, high_open=True),
+    "data.short_seq_prob": _number(0, 1),
+    "data.holdout_fraction": _number(0, 1, high_open=True),
+    "data.tokenizer_type": _choice(*TOKENIZERS),
+    "decode.beam_size": POSITIVE, "decode.alpha": _number(-math.inf, math.inf),
+    "opt.learning_rate": _number(0, math.inf) + ("(0 trains nothing: a frozen check)",),
+    "opt.warmup_steps": NON_NEGATIVE, "opt.end_lr_fraction": _number(0, 1),
+    "opt.weight_decay": _number(0, math.inf), "opt.b1": _number(0, 1, high_open=True),
+    "opt.b2": _number(0, 1, high_open=True), "opt.eps": _number(0, math.inf, low_open=True),
+    "opt.clip_grad_norm": _number(0, math.inf) + ("(0: off)",),
+    "opt.grad_accum_steps": POSITIVE, "opt.schedule": _choice(*SCHEDULES),
+    "mesh.data": _mesh_axis(), "mesh.fsdp": _mesh_axis(), "mesh.tensor": _mesh_axis(),
+    "mesh.cpu_devices": NON_NEGATIVE + ("(0: one device per CPU)",),
+}
+
+
+def _lookup(config, dotted):
+    section = config
+    for part in dotted.split("."):
+        if not hasattr(section, "keys") or part not in section.keys():
+            return False, None
+        section = section[part]
+    return True, section
+
+
+def _relations(config):
+    """(message) for each pair of keys whose values cannot work together."""
+    get = lambda key: _lookup(config, key)[1]  # noqa: E731
+    m = config.get("model", {})
+    if m.get("d_model") and m.get("num_heads") and m["d_model"] % m["num_heads"]:
+        yield (f"config.model.d_model={m['d_model']} is not divisible by config.model."
+               f"num_heads={m['num_heads']}: each head gets d_model / num_heads dimensions; "
+               "pick a head count that divides the width")
+    accum = get("opt.grad_accum_steps")
+    if accum and config.get("batch_size") and config.batch_size % accum:
+        yield (f"config.batch_size={config.batch_size} is not divisible by config.opt."
+               f"grad_accum_steps={accum}; the batch is split into that many micro-batches")
+    average, keep = config.get("average_checkpoints", 0), config.get("keep_checkpoints", 1)
+    if average > keep:
+        yield (f"config.average_checkpoints={average} needs config.keep_checkpoints >= "
+               f"{average} (now {keep}): raise keep_checkpoints or average fewer")
+    max_predictions, max_len = get("data.max_predictions"), get("data.max_len")
+    if max_predictions and max_len and max_predictions > max_len:
+        yield (f"config.data.max_predictions={max_predictions} exceeds config.data.max_len="
+               f"{max_len}: a row cannot hold more masked tokens than tokens")
+    query = get("data.max_query_len")
+    if query and max_len and query > max_len - 4:
+        yield (f"config.data.max_query_len={query} leaves no room for the context in rows of "
+               f"config.data.max_len={max_len} ([CLS] question [SEP] context [SEP]); lower it")
+
+
+def check_workdir(workdir: str) -> None:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir} is a file, not a folder; pass a new folder name "
+                          "(or an existing run folder to resume it)")
+
+
+def check_batch_split(config, mesh_shape: dict) -> None:
+    """Every batch is split over the data-parallel devices (the mesh's data and fsdp axes)."""
+    ways = mesh_shape["data"] * mesh_shape["fsdp"]
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % ways:
+            raise ConfigError(f"config.{key}={config[key]} does not split evenly over the "
+                              f"{ways} data-parallel devices of mesh {mesh_shape}; use a "
+                              f"multiple of {ways}")
+
+
+def validate(config) -> None:
+    """Raises ConfigError for the first key out of its range, naming the range and the fix."""
+    for key, (check, expected, *hint) in RULES.items():
+        present, value = _lookup(config, key)
+        if present and not check(value):
+            note = f" {hint[0]}" if hint else ""
+            raise ConfigError(f"config.{key}={value!r} is out of range: it must be "
+                              f"{expected}{note}. Pass --config.{key}=<valid value>")
+    for message in _relations(config):
+        raise ConfigError(message)
