@@ -5,8 +5,10 @@ predicts the first and last token of the answer span in the context (section 4.2
 than the row are cut into overlapping windows ("doc stride"), each a separate feature; at eval
 time the best span over all windows wins, each token judged in the window that gives it the most
 context. SQuAD 2.0 (section 4.3) adds unanswerable questions: their span is the [CLS] token, and
-a question is answered "" when the [CLS] score beats the best span by more than a threshold tuned
-on the dev set. Metrics are the official exact match and token F1.
+a question is answered "" when the [CLS] score beats the best span by more than a threshold.
+That threshold is chosen on questions held apart from training, never on the dev set it is
+scored on. Metrics are the official exact match and token F1, and for v2.0 also the official
+script's oracle best_exact / best_f1 (the threshold tuned on the dev set itself).
 
 bible_squad builds a small SQuAD 2.0-format demo set from the default Bible corpus, so the
 fine-tuning task runs without downloading SQuAD.
@@ -14,6 +16,7 @@ fine-tuning task runs without downloading SQuAD.
 
 import collections
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -359,28 +362,59 @@ def squad_evaluate(examples, predictions: dict[str, str]) -> dict[str, float]:
     return metrics
 
 
-def best_null_threshold(examples, predictions, score_diffs) -> tuple[float, dict[str, float]]:
-    """The null threshold with the best F1 on these examples, and the metrics at it."""
-    _, f1_span = _scores(examples, predictions)
-    _, f1_null = _scores(examples, {e.qid: "" for e in examples})
+def best_null_threshold(examples, predictions, score_diffs,
+                        metric: str = "f1") -> tuple[float, dict[str, float]]:
+    """The null threshold with the best total `metric` ("f1" or "exact") on these examples,
+    and the official metrics at it."""
+    exact_span, f1_span = _scores(examples, predictions)
+    exact_null, f1_null = _scores(examples, {e.qid: "" for e in examples})
+    span, null = (f1_span, f1_null) if metric == "f1" else (exact_span, exact_null)
     diffs = np.asarray([score_diffs[e.qid] for e in examples], np.float64)
-    # At threshold t an example is answered "" iff its diff > t, so total F1 is a step function
+    # At threshold t an example is answered "" iff its diff > t, so the total is a step function
     # of t that only changes at the diffs: trying t = each distinct diff, plus -inf (always
     # null) and +inf (never null), finds the maximum. Sorting by diff makes each total a
     # prefix sum: the first k examples keep their span, the rest get "".
     order = np.argsort(diffs, kind="stable")
-    diffs, f1_span, f1_null = diffs[order], f1_span[order], f1_null[order]
-    kept = np.concatenate([[0.0], np.cumsum(f1_span)])
-    nulled = np.concatenate([[0.0], np.cumsum(f1_null[::-1])])[::-1]
+    diffs, span, null = diffs[order], span[order], null[order]
+    kept = np.concatenate([[0.0], np.cumsum(span)])
+    nulled = np.concatenate([[0.0], np.cumsum(null[::-1])])[::-1]
     candidates = np.unique(np.concatenate([[-np.inf, np.inf], diffs]))
-    best_threshold, best_f1 = None, -1.0
+    best_threshold, best_total = None, -1.0
     for threshold in candidates:
         k = int(np.searchsorted(diffs, threshold, side="right"))  # examples with diff <= t
         total = kept[k] + nulled[k]
-        if total > best_f1 + 1e-9:  # ties keep the lower threshold
-            best_threshold, best_f1 = float(threshold), total
+        if total > best_total + 1e-9:  # ties keep the lower threshold
+            best_threshold, best_total = float(threshold), total
     answered = apply_null_threshold(predictions, score_diffs, best_threshold)
     return best_threshold, squad_evaluate(examples, answered)
+
+
+def official_v2_scores(examples, predictions, score_diffs, threshold: float) -> dict:
+    """SQuAD v2.0 metrics named as the official script names them.
+
+    exact / f1 (and the HasAns_ / NoAns_ splits) score the answers at `threshold`, which must
+    be chosen without these examples; best_exact / best_f1 are the script's oracle figures, the
+    best totals over every threshold tuned on these same examples, with the threshold that
+    gives each (best_exact_thresh / best_f1_thresh, on our null-minus-span score scale).
+    """
+    scores = squad_evaluate(examples, apply_null_threshold(predictions, score_diffs, threshold))
+    for metric in ("exact", "f1"):
+        best, at_best = best_null_threshold(examples, predictions, score_diffs, metric)
+        scores[f"best_{metric}"], scores[f"best_{metric}_thresh"] = at_best[metric], best
+    scores["null_threshold"] = float(threshold)
+    return scores
+
+
+def holdout_split(examples, fraction: float):
+    """(kept, held apart): every context in about `fraction` of them held apart with all its
+    questions, chosen by a hash of the text (the same split on every run and machine)."""
+    if fraction <= 0:
+        return list(examples), []
+    held = {e.context for e in examples
+            if int(hashlib.sha256(e.context.encode("utf-8")).hexdigest()[:8], 16)
+            < fraction * 16 ** 8}
+    return ([e for e in examples if e.context not in held],
+            [e for e in examples if e.context in held])
 
 
 def write_predictions(path: str, predictions: dict[str, str]) -> None:

@@ -405,6 +405,36 @@ def test_best_null_threshold_by_hand():
         "a": "Water", "b": "", "c": "", "d": ""}
 
 
+def test_official_v2_scores_at_a_given_threshold_and_the_oracle_beside_them():
+    examples = [
+        squad.QAExample("a", "?", CONTEXT, (("Water", 31),), False),
+        squad.QAExample("b", "?", CONTEXT, (("Water", 31),), False),
+        squad.QAExample("c", "?", CONTEXT, (), True),
+        squad.QAExample("d", "?", CONTEXT, (), True),
+    ]
+    predictions = {"a": "Water", "b": "stone", "c": "king", "d": "gate"}
+    diffs = {"a": -3.0, "b": 1.0, "c": 2.0, "d": -1.0}
+    # At t = 0 (chosen elsewhere): b and c are null, so a and c are right: 2 of 4.
+    scores = squad.official_v2_scores(examples, predictions, diffs, threshold=0.0)
+    assert scores["exact"] == scores["f1"] == 50.0 and scores["null_threshold"] == 0.0
+    assert scores["HasAns_exact"] == 50.0 and scores["NoAns_exact"] == 50.0
+    # The official script's oracle: the best threshold on these very examples (-3, 3 of 4).
+    assert scores["best_exact"] == scores["best_f1"] == 75.0
+    assert scores["best_exact_thresh"] == scores["best_f1_thresh"] == -3.0
+
+
+def test_holdout_split_keeps_whole_contexts_apart_the_same_way_every_time():
+    contexts = [f"context number {i}." for i in range(400)]
+    examples = [squad.QAExample(f"{i}-{k}", "?", c, (), True)
+                for i, c in enumerate(contexts) for k in range(3)]
+    kept, held = squad.holdout_split(examples, 0.1)
+    assert (kept, held) == squad.holdout_split(list(examples), 0.1)
+    assert len(kept) + len(held) == len(examples)
+    assert not {e.context for e in kept} & {e.context for e in held}  # no context in both
+    assert 20 <= len({e.context for e in held}) <= 60  # about 10% of 400 contexts
+    assert squad.holdout_split(examples, 0.0) == (examples, [])
+
+
 def test_write_predictions_is_official_json_and_atomic(tmp_path):
     path = tmp_path / "out" / "predictions.json"
     squad.write_predictions(str(path), {"q1": "old gate"})

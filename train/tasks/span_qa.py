@@ -3,8 +3,11 @@
 Per token, a start and an end logit; the loss is the mean of the start and end cross-entropies
 over the tokens of a window. An unanswerable question (or a window without the answer) points
 both at [CLS]. Eval adds what needs whole predictions: n-best span search over all windows of
-an example, the no-answer threshold tuned on the dev set (v2.0), exact match and F1, and the
-official predictions JSON in the workdir.
+an example, exact match and F1, and the official predictions JSON in the workdir. For v2.0
+data the no-answer threshold is chosen on training contexts held apart from training
+(config.data.holdout_fraction), so the reported exact / f1 never see their own answers; the
+official script's oracle best_exact / best_f1 (threshold tuned on the dev set) are logged
+beside them.
 """
 import json
 import os
@@ -55,6 +58,8 @@ def prepare_data(config, workdir) -> dict:
         mlm_nsp.copy_tokenizer(config, workdir)
     d = config.data
     train_ex, eval_ex = read_examples(config, workdir)
+    v2 = any(e.is_impossible for e in train_ex + eval_ex)
+    train_ex, holdout_ex = squad.holdout_split(train_ex, d.holdout_fraction if v2 else 0.0)
     tokenizer = lm.load_or_train_tokenizer(
         config, workdir, [e.context for e in train_ex[::4]] + [e.question for e in train_ex])
     kw = dict(max_len=d.max_len, doc_stride=d.doc_stride, max_query_len=d.max_query_len)
@@ -63,8 +68,14 @@ def prepare_data(config, workdir) -> dict:
     info = {"train_questions": len(train_ex), "train_windows": len(train_rows["inputs"]),
             "eval_questions": len(eval_ex), "eval_windows": len(eval_rows["inputs"]),
             "eval_unanswerable": sum(e.is_impossible for e in eval_ex)}
-    return {"train_rows": train_rows, "eval_rows": eval_rows, "tokenizer": tokenizer,
-            "eval_examples": eval_ex, "eval_meta": eval_meta, "info": info}
+    data = {"train_rows": train_rows, "eval_rows": eval_rows, "tokenizer": tokenizer,
+            "eval_examples": eval_ex, "eval_meta": eval_meta, "v2": v2, "info": info}
+    if holdout_ex:
+        data["holdout_rows"], data["holdout_meta"] = squad.squad_features(
+            holdout_ex, tokenizer, train=False, **kw)
+        data["holdout_examples"] = holdout_ex
+        info["threshold_questions"] = len(holdout_ex)
+    return data
 
 
 def _span_logits(params, batch, *, model, train=False, rng=None):
@@ -114,21 +125,35 @@ def predict_logits(params, rows, config, predict_fn=None):
     return np.concatenate(starts), np.concatenate(ends)
 
 
+def _answers(params, data, config, split):
+    """(best span per qid, null minus span score per qid) of the `split` questions."""
+    start, end = predict_logits(params, data[f"{split}_rows"], config, data["predict_fn"])
+    return squad.postprocess(data[f"{split}_examples"], data[f"{split}_meta"], start, end,
+                             n_best=config.data.n_best, max_answer_len=config.data.max_answer_len)
+
+
+def choose_null_threshold(params, data, config) -> float:
+    """The no-answer threshold with the best F1 on the held-apart training questions (0, the
+    null score beating the best span, when none are held apart)."""
+    if "holdout_examples" not in data:
+        return 0.0
+    answers, diffs = _answers(params, data, config, "holdout")
+    return squad.best_null_threshold(data["holdout_examples"], answers, diffs)[0]
+
+
 def evaluate_predictions(params, data, config, workdir) -> dict:
-    """EM / F1 on the dev questions; writes predictions.json (and the tuned null threshold)."""
+    """EM / F1 on the dev questions; writes predictions.json (and the chosen null threshold)."""
     if "predict_fn" not in data:  # compiled once per run, not at every eval
         data["predict_fn"] = make_predict_fn(params, config)
-    start, end = predict_logits(params, data["eval_rows"], config, data["predict_fn"])
+    answers, score_diffs = _answers(params, data, config, "eval")
     examples = data["eval_examples"]
-    answers, score_diffs = squad.postprocess(examples, data["eval_meta"], start, end,
-                                             n_best=config.data.n_best,
-                                             max_answer_len=config.data.max_answer_len)
-    if any(e.is_impossible for e in examples):  # v2.0: tune the no-answer threshold here
-        threshold, scores = squad.best_null_threshold(examples, answers, score_diffs)
+    threshold = None
+    if data["v2"]:
+        threshold = choose_null_threshold(params, data, config)
+        scores = squad.official_v2_scores(examples, answers, score_diffs, threshold)
         answers = squad.apply_null_threshold(answers, score_diffs, threshold)
-        scores["null_threshold"] = float(threshold)
     else:
-        threshold, scores = None, squad.squad_evaluate(examples, answers)
+        scores = squad.squad_evaluate(examples, answers)
     if jax.process_index() == 0:
         squad.write_predictions(os.path.join(workdir, PREDICTIONS_FILE), answers)
         with open(os.path.join(workdir, THRESHOLD_FILE), "w", encoding="utf-8") as f:
@@ -146,8 +171,14 @@ def summarize(sums: dict) -> dict:
 
 
 def final_report(final: dict, info: dict) -> str:
-    return (f"final eval on {info['eval_questions']} questions: exact match "
-            f"{final['exact']:.1f}, F1 {final['f1']:.1f}; predictions in {PREDICTIONS_FILE}")
+    line = (f"final eval on {info['eval_questions']} questions: exact match "
+            f"{final['exact']:.1f}, F1 {final['f1']:.1f}")
+    if "best_f1" in final:
+        line += (f" (no-answer threshold {final['null_threshold']:.3g} chosen on "
+                 f"{info.get('threshold_questions', 0)} held-apart training questions; "
+                 f"oracle threshold tuned on dev: best_exact {final['best_exact']:.1f}, "
+                 f"best_f1 {final['best_f1']:.1f})")
+    return line + f"; predictions in {PREDICTIONS_FILE}"
 
 
 def init_batch(config, batch_size):
