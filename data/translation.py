@@ -7,16 +7,12 @@ any working model learns in minutes. Section 5.1 encodes both sides with one sha
 vocabulary (train the tokenizer on source and target text together) and batches pairs of
 similar length to waste little compute on padding; here consecutive pairs are packed into
 fixed-length rows instead, with segment ids so that no pair attends to another. BLEU (section
-6.1) is computed two ways: our own corpus BLEU (Papineni et al. 2002) on a documented
-tokenization, checked against sacrebleu in the tests, and sacrebleu's standard 13a score, the
-number that goes into metrics and the README.
+6.1; Papineni et al. 2002) is sacrebleu's standard corpus score with its 13a tokenization on
+detokenized text, the number that goes into metrics and the README.
 """
 
-import collections
-import math
 import os
 import random
-import re
 
 import numpy as np
 
@@ -25,14 +21,6 @@ from data import tokenizer as tok
 from data.errors import DataError
 
 SYNTHETIC_TASKS = ("copy", "reverse")
-MAX_ORDER = 4  # BLEU-4, as reported in the paper
-
-# corpus_bleu's tokenization: every character that is neither a word character (Unicode
-# letter, digit or underscore) nor whitespace becomes a token of its own, so "Naomi's husband,
-# died." -> "Naomi ' s husband , died ." Then the text is split at whitespace. Text that is
-# already tokenized this way passes through unchanged, which is what lets the tests compare
-# with sacrebleu's tokenize="none".
-_PUNCTUATION = re.compile(r"([^\w\s])")
 
 
 def _lines(path: str) -> list[str]:
@@ -211,41 +199,6 @@ def make_rows(src_ids, tgt_ids, *, max_len: int, pack: bool = True) -> dict[str,
             rows["weights"][r, t:t + m] = 1.0  # EOS is predicted too: it ends the decode
             t += m
     return rows
-
-
-def _bleu_tokens(text: str) -> list[str]:
-    """Whitespace tokens of text after splitting punctuation off words (see _PUNCTUATION)."""
-    return _PUNCTUATION.sub(r" \1 ", text).split()
-
-
-def _ngrams(tokens: list[str], n: int) -> collections.Counter:
-    """Counts of the n-grams of tokens."""
-    return collections.Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
-
-
-def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
-    """Corpus BLEU-4 in percent, one reference per hypothesis, no smoothing."""
-    if len(hypotheses) != len(references):
-        raise DataError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    matches, totals = [0] * MAX_ORDER, [0] * MAX_ORDER
-    hyp_len = ref_len = 0
-    for hypothesis, reference in zip(hypotheses, references):
-        hyp, ref = _bleu_tokens(hypothesis), _bleu_tokens(reference)
-        hyp_len, ref_len = hyp_len + len(hyp), ref_len + len(ref)
-        for n in range(1, MAX_ORDER + 1):
-            hyp_counts, ref_counts = _ngrams(hyp, n), _ngrams(ref, n)
-            # Clipping: an n-gram is credited at most as often as the reference has it, so
-            # "the the the" earns no more than the reference's "the"s.
-            matches[n - 1] += sum(min(c, ref_counts[g]) for g, c in hyp_counts.items())
-            totals[n - 1] += sum(hyp_counts.values())
-    # Precisions are ratios of corpus sums, not averages of sentence scores; without smoothing
-    # a single empty order makes the geometric mean 0.
-    if not all(matches):
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / MAX_ORDER
-    # The brevity penalty stands in for recall: short output would otherwise score high.
-    brevity = 1.0 if hyp_len >= ref_len else math.exp(1.0 - ref_len / hyp_len)
-    return 100.0 * brevity * math.exp(log_precision)
 
 
 def sacrebleu_score(hypotheses: list[str], references: list[str]) -> float:

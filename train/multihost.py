@@ -12,17 +12,32 @@ import jax
 from jax.experimental import multihost_utils
 
 from data.errors import DataError
-from train.sharding import ConfigError
+from train.config import ConfigError
+
+
+# The variables SLURM documents for every task of a job step (srun), the ones
+# jax.distributed.initialize() reads there.
+_SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID",
+                    "SLURM_NTASKS")
 
 
 def launched_as_cluster() -> bool:
     """Whether SLURM or a multi-host Cloud TPU slice started this process as one of several."""
     # jax.distributed.initialize() finds these environments by itself, but it also accepts a
-    # one-task SLURM job, where it would hide every GPU but one; JAX has no public way to ask,
-    # so its own detectors (the ones initialize() would use) are asked here. On a plain
-    # machine each is_env_present() only reads environment variables.
-    from jax._src import clusters
-    for env in (clusters.SlurmCluster, clusters.GceTpuCluster, clusters.GkeTpuCluster):
+    # one-task SLURM job, where it would hide every GPU but one; so we ask first. SLURM is
+    # read from its documented variables. A Cloud TPU slice is known only from the GCE
+    # metadata server or GKE's variables, and JAX has no public function that asks them, so
+    # its own detectors (the ones initialize() uses) are called; on a plain machine they read
+    # only environment variables. Should a JAX release move them, TPU slices fall back to the
+    # explicit --coordinator_address/--num_processes/--process_id flags.
+    if all(name in os.environ for name in _SLURM_VARIABLES):
+        return int(os.environ["SLURM_NTASKS"]) > 1
+    try:
+        from jax._src import clusters  # pylint: disable=import-outside-toplevel
+        detectors = (clusters.GceTpuCluster, clusters.GkeTpuCluster)
+    except (ImportError, AttributeError):
+        return False
+    for env in detectors:
         if env.is_env_present():
             return env.get_process_count() > 1
     return False
