@@ -39,6 +39,17 @@ def write_bible_db(path, verses):
     return str(path)
 
 
+def tree_digest(path):
+    """Hash of every file's name and bytes under `path` (to prove nothing was touched)."""
+    import hashlib
+    import pathlib
+    h = hashlib.sha256()
+    for f in sorted(pathlib.Path(path).rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(path)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")

@@ -1,5 +1,4 @@
 """End-to-end command-line runs: train, resume, sample, compare, and every bad input."""
-import hashlib
 import json
 import os
 import pathlib
@@ -10,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import smoke_config
+from tests.conftest import smoke_config, tree_digest
 from train import checkpoint, loop, tasks
 
 lm = tasks.get("lm")
@@ -30,15 +29,6 @@ def run(module, *args, check=True):
 def train(workdir, corpus, *overrides, check=True):
     return run("train.main", "--config=experiments/gpt.py:smoke", f"--workdir={workdir}",
                f"--config.data.source={corpus}", *overrides, check=check)
-
-
-def tree_digest(path):
-    """Hash of every file's name and bytes under `path` (to prove nothing was touched)."""
-    h = hashlib.sha256()
-    for f in sorted(pathlib.Path(path).rglob("*")):
-        if f.is_file():
-            h.update(str(f.relative_to(path)).encode() + f.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

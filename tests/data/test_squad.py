@@ -386,7 +386,9 @@ def test_evaluate_takes_the_best_gold_and_splits_has_and_no_answer():
         squad.squad_evaluate(examples, {"a": "", "b": ""})
 
 
-def test_best_null_threshold_by_hand():
+def _threshold_case():
+    """Two answerable and two unanswerable questions, their best spans and null-minus-span
+    scores."""
     examples = [
         squad.QAExample("a", "?", CONTEXT, (("Water", 31),), False),
         squad.QAExample("b", "?", CONTEXT, (("Water", 31),), False),
@@ -395,6 +397,11 @@ def test_best_null_threshold_by_hand():
     ]
     predictions = {"a": "Water", "b": "stone", "c": "king", "d": "gate"}
     diffs = {"a": -3.0, "b": 1.0, "c": 2.0, "d": -1.0}
+    return examples, predictions, diffs
+
+
+def test_best_null_threshold_by_hand():
+    examples, predictions, diffs = _threshold_case()
     # Null iff diff > t. F1 summed over a, b, c, d:
     #   t=-inf: 0+0+1+1 = 2;  t=-3: 1+0+1+1 = 3;  t=-1: 1+0+1+0 = 2;  t=1: 1+0+1+0 = 2;
     #   t=2 or +inf: 1+0+0+0 = 1. Best: t = -3 with 3/4.
@@ -406,14 +413,7 @@ def test_best_null_threshold_by_hand():
 
 
 def test_official_v2_scores_at_a_given_threshold_and_the_oracle_beside_them():
-    examples = [
-        squad.QAExample("a", "?", CONTEXT, (("Water", 31),), False),
-        squad.QAExample("b", "?", CONTEXT, (("Water", 31),), False),
-        squad.QAExample("c", "?", CONTEXT, (), True),
-        squad.QAExample("d", "?", CONTEXT, (), True),
-    ]
-    predictions = {"a": "Water", "b": "stone", "c": "king", "d": "gate"}
-    diffs = {"a": -3.0, "b": 1.0, "c": 2.0, "d": -1.0}
+    examples, predictions, diffs = _threshold_case()
     # At t = 0 (chosen elsewhere): b and c are null, so a and c are right: 2 of 4.
     scores = squad.official_v2_scores(examples, predictions, diffs, threshold=0.0)
     assert scores["exact"] == scores["f1"] == 50.0 and scores["null_threshold"] == 0.0

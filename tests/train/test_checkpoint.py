@@ -1,5 +1,4 @@
 """Damaged checkpoints: detected by checksum, skipped for the newest intact one, never deleted."""
-import hashlib
 import json
 import os
 import pathlib
@@ -9,20 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import smoke_config
+from tests.conftest import smoke_config, tree_digest
 from train import checkpoint, loop, tasks
 
 lm = tasks.get("lm")
 RUN = {"num_train_steps": 30, "checkpoint_every_steps": 10, "keep_checkpoints": 3,
        "eval_every_steps": 30}
-
-
-def tree_digest(path):
-    h = hashlib.sha256()
-    for f in sorted(pathlib.Path(path).rglob("*")):
-        if f.is_file():
-            h.update(str(f.relative_to(path)).encode() + f.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
