@@ -12,7 +12,6 @@ import os
 import statistics
 import sys
 
-from absl import app
 from absl import flags
 
 from train import cli
@@ -184,8 +183,7 @@ def plot_curves(runs, out_path, metric="loss"):
 
 def main(argv):
   if len(argv) < 2:
-    raise app.UsageError("give one or more run folders, e.g. python -m experiments.compare runs/*",
-                         exitcode=2)
+    cli.fail("give one or more run folders, e.g. python -m experiments.compare runs/*")
   try:
     runs = [load_run(path) for path in argv[1:]]
   except RunError as e:

@@ -75,7 +75,7 @@ def parse_flags(argv):
         if overrides and not isinstance(e, flags.IllegalFlagValueError) or "--config." in detail:
             fail(f"bad config override among {overrides}: {_one_line(detail)}. Fix the key "
                  "(keys are listed in the experiment file's get_config) or the value's type")
-        fail(_one_line(detail.removeprefix("flag ")))
+        fail(" ".join(detail.removeprefix("flag ").split()))
 
 
 def _main_flags() -> list[str]:
