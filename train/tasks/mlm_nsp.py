@@ -8,7 +8,6 @@ sum of the two means. Also here: restoring a pretrained encoder for fine-tuning
 """
 import os
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
