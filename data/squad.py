@@ -410,8 +410,8 @@ def holdout_split(examples, fraction: float):
     questions, chosen by a hash of the text (the same split on every run and machine)."""
     if fraction <= 0:
         return list(examples), []
-    held = {e.context for e in examples
-            if int(hashlib.sha256(e.context.encode("utf-8")).hexdigest()[:8], 16)
+    held = {context for context in {e.context for e in examples}
+            if int(hashlib.sha256(context.encode("utf-8")).hexdigest()[:8], 16)
             < fraction * 16 ** 8}
     return ([e for e in examples if e.context not in held],
             [e for e in examples if e.context in held])

@@ -72,7 +72,7 @@ def parse_flags(argv):
         if missing:
             fail(f"{missing.group(1)} is required ({flags.FLAGS[missing.group(1)[2:]].help})")
         overrides = [a for a in argv[1:] if a.startswith("--config.")]
-        if overrides and not isinstance(e, flags.IllegalFlagValueError) or "--config." in detail:
+        if (overrides and not isinstance(e, flags.IllegalFlagValueError)) or "--config." in detail:
             fail(f"bad config override among {overrides}: {_one_line(detail)}. Fix the key "
                  "(keys are listed in the experiment file's get_config) or the value's type")
         fail(" ".join(detail.removeprefix("flag ").split()))

@@ -9,12 +9,12 @@ read or written. Keys a config does not have are skipped: each family has its ow
 import math
 import os
 
-REMAT = ("none", "full", "dots_saveable")  # models/layers.py REMAT_POLICIES
+from data.tokenizer import MODEL_TYPES as TOKENIZERS
+from models.layers import ACTIVATIONS, REMAT_POLICIES
+
 ATTENTION = ("fast", "xla", "cudnn", "reference")  # models/layers.py MultiHeadAttention
-ACTIVATIONS = ("relu", "gelu", "gelu_exact")  # models/layers.py ACTIVATIONS
 DTYPES = ("float32", "bfloat16", "float16")
-SCHEDULES = ("cosine", "linear", "constant", "noam")  # train/optim.py
-TOKENIZERS = ("bpe", "unigram")  # data/tokenizer.py
+SCHEDULES = ("cosine", "linear", "constant", "noam")  # train/optim.py make_schedule
 
 
 class ConfigError(ValueError):
@@ -68,7 +68,7 @@ RULES = {
     "model.attention_dropout_rate": _number(0, 1, high_open=True),
     "model.label_smoothing": _number(0, 1, high_open=True),
     "model.dtype": _choice(*DTYPES), "model.param_dtype": _choice(*DTYPES),
-    "model.attention": _choice(*ATTENTION), "model.remat": _choice(*REMAT),
+    "model.attention": _choice(*ATTENTION), "model.remat": _choice(*REMAT_POLICIES),
     "model.activation": _choice(*ACTIVATIONS),
     "data.max_len": POSITIVE, "data.max_predictions": POSITIVE, "data.dupe_factor": POSITIVE,
     "data.doc_stride": POSITIVE, "data.max_query_len": POSITIVE, "data.n_best": POSITIVE,

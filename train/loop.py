@@ -99,7 +99,7 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
         return _run(run, state, train_iter, jax.random.fold_in(rng, 1), notes)
 
 
-def _diverged(run, step, metrics, saved):
+def _diverged(step, metrics, saved):
     """The one-line account of a non-finite step: where, what, and what to do."""
     loss = metrics["loss_sum"] / max(float(metrics["weight_sum"]), 1e-9)
     last = (f"the newest checkpoint, step {saved}, is the last good one (nothing later was "
@@ -159,7 +159,7 @@ def _run(run, state, train_iter, dropout_rng, notes):
                 skipped["window"] += 1
             else:
                 write_train(at_step, pending + [m])
-                raise DivergedError(_diverged(run, at_step, m, ckpt.latest_step()))
+                raise DivergedError(_diverged(at_step, m, ckpt.latest_step()))
         unchecked.clear()
 
     try:
@@ -193,7 +193,8 @@ def _run(run, state, train_iter, dropout_rng, notes):
                 out = write_train(step, pending)
                 timer.restart()
                 bar.update_to(step, loss=out["loss"], tok_s=out.get("tokens_per_sec", 0.0))
-                pending, skipped["window"] = [], 0
+                pending.clear()
+                skipped["window"] = 0
             if eval_now:
                 final = _eval_all(run, state.params)
                 final["wall_time"] = wall0 + time.time() - run_start

@@ -37,8 +37,7 @@ def main(argv):
     host.keep_freed_memory()  # CPU runs: reuse the step's memory (before JAX starts threads)
     config, fl = flags.FLAGS.config, flags.FLAGS
     try:
-        config_lib.validate(config)
-        config_lib.check_workdir(fl.workdir)
+        config_lib.validate(config)  # (train_and_evaluate checks --workdir)
         # Both first: the CPU device count and jax.distributed.initialize cannot change once
         # a JAX device has been used.
         host.split_cpu_devices(config.mesh.get("cpu_devices", 0))
