@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+TEST_STAMP := $(VENV)/.test-installed-$(shell cksum requirements-test.txt | cut -d' ' -f1)
 DEMO_DIR ?= runs/gpt_tiny
 BERT_DIR ?= runs/bert_tiny
 
@@ -15,7 +16,11 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
-test: $(STAMP)
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	rm -f $(VENV)/.test-installed-* && touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
 demo: $(STAMP)

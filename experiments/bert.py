@@ -35,13 +35,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "mlm_nsp"
     c.seed = 0
-    c.init_from = ""  # pretraining starts from scratch
+    c.init_from = ""  # pretraining starts from scratch; hf:DIR from a Hugging Face BERT folder
     c.model = ml_collections.ConfigDict(dict(
         family="bert", vocab_size=vocab_size, max_len=512, num_layers=num_layers,
         d_model=d_model, num_heads=num_heads, d_ff=4 * d_model, type_vocab_size=2,
         dropout_rate=0.1, attention_dropout_rate=0.1, heads=("mlm", "nsp"), num_labels=2,
         attention="fast", dtype="float32", param_dtype="float32",
-        remat="none", scan_layers=False))
+        remat="none", scan_layers=False, activation="gelu_exact", ln_epsilon=1e-12,
+        vocab_multiple=1))
     c.data = ml_collections.ConfigDict(dict(
         source="bible", text_field="text", bible_version="4", eval_fraction=0.05,
         cache_dir="", tokenizer_type="bpe", max_len=seq_len, max_predictions=max_predictions,

@@ -35,11 +35,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "lm"
     c.seed = 0
+    c.init_from = ""  # hf:DIR starts from a Hugging Face GPT-2 folder (README)
     c.model = ml_collections.ConfigDict(dict(
         family="gpt", vocab_size=vocab_size, max_len=max_len, num_layers=num_layers,
         d_model=d_model, num_heads=num_heads, d_ff=4 * d_model, dropout_rate=0.1,
         attention_dropout_rate=0.0, attention="fast", dtype="float32", param_dtype="float32",
-        remat="none", scan_layers=False, query_blocks=1))
+        remat="none", scan_layers=False, query_blocks=1, activation="gelu", ln_epsilon=1e-5,
+        vocab_multiple=1))
     c.data = ml_collections.ConfigDict(dict(
         source="bible", text_field="text", bible_version="4", eval_fraction=0.05,
         cache_dir="", tokenizer_type="bpe", max_len=max_len))

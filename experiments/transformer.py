@@ -38,11 +38,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "seq2seq"
     c.seed = 0
+    c.init_from = ""  # hf:DIR starts from a Hugging Face MarianMT folder (README)
     c.model = ml_collections.ConfigDict(dict(
         family="transformer", vocab_size=vocab_size, max_len=max_len, num_layers=num_layers,
         d_model=d_model, num_heads=num_heads, d_ff=d_ff, dropout_rate=dropout,
         attention_dropout_rate=0.0, pre_ln=False, activation="relu", attention="fast",
-        remat="none", label_smoothing=0.1, dtype="float32", param_dtype="float32"))
+        remat="none", label_smoothing=0.1, dtype="float32", param_dtype="float32",
+        embed_scale=True, position_layout="interleaved", final_logits_bias=False,
+        ln_epsilon=1e-5, pad_id=0, vocab_multiple=1))
     c.data = ml_collections.ConfigDict(dict(
         source="bible", eval_source="", test_source="", source_version="4", target_version="l",
         cache_dir="", tokenizer_type="bpe", max_len=max_len, pack=True,

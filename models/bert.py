@@ -47,6 +47,13 @@ class BertConfig:
     param_dtype: Any = "float32"
     remat: str = "none"  # "none" | "full" | "dots_saveable" (layers.REMAT_POLICIES)
     scan_layers: bool = False  # one scanned block "layer" with stacked params, not layer_0..
+    activation: str = "gelu_exact"  # BERT's erf GELU (layers.ACTIVATIONS)
+    ln_epsilon: float = 1e-12
+    vocab_multiple: int = 1  # embedding rows padded to a multiple (models/gpt.py GPTConfig)
+
+    @property
+    def table_size(self) -> int:
+        return layers.padded_vocab_size(self.vocab_size, self.vocab_multiple)
 
     @classmethod
     def from_config(cls, model_config, **overrides):
@@ -90,21 +97,21 @@ class Bert(nn.Module):
             token_types_BL = jnp.zeros_like(tokens_BL)
         positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
 
-        wte = layers.token_embedding(cfg.vocab_size, cfg.d_model, "word_embeddings", **kw)
+        wte = layers.token_embedding(cfg.table_size, cfg.d_model, "word_embeddings", **kw)
         x_BLD = (wte(tokens_BL)
                  + layers.LearnedPositionEmbedding(cfg.max_len, cfg.d_model,
                                                    name="position_embeddings", **kw)(positions_BL)
                  + _token_type_embedding(cfg, kw)(token_types_BL))
-        x_BLD = layers.layer_norm("embeddings_ln", epsilon=1e-12, **kw)(x_BLD)
+        x_BLD = layers.layer_norm("embeddings_ln", epsilon=cfg.ln_epsilon, **kw)(x_BLD)
         x_BLD = nn.Dropout(cfg.dropout_rate)(x_BLD, deterministic=deterministic)
         x_BLD = nn.with_logical_constraint(x_BLD, (layers.BATCH, layers.LENGTH, layers.EMBED))
         # Post-LN as in the paper: LN(x + Sublayer(x)); no final LayerNorm is needed.
         x_BLD = layers.self_attention_stack(
             x_BLD, segment_ids_BL, deterministic, num_layers=cfg.num_layers, name="layer",
             remat=cfg.remat, scan_layers=cfg.scan_layers, num_heads=cfg.num_heads,
-            d_ff=cfg.d_ff, pre_ln=False, causal=False, activation="gelu_exact",
+            d_ff=cfg.d_ff, pre_ln=False, causal=False, activation=cfg.activation,
             dropout_rate=cfg.dropout_rate, attention_dropout_rate=cfg.attention_dropout_rate,
-            implementation=cfg.attention, ln_epsilon=1e-12, **kw)
+            implementation=cfg.attention, ln_epsilon=cfg.ln_epsilon, **kw)
 
         # The pooler reads only [CLS] (position 0), whose vector attends to the whole input.
         pooled_BD = jnp.tanh(_dense(cfg.d_model, (layers.EMBED, layers.MLP), "pooler", kw)(
@@ -128,12 +135,13 @@ class Bert(nn.Module):
         """Logits B,P,V at the masked positions only."""
         cfg = self.config
         h_BPD = jnp.take_along_axis(x_BLD, positions_BP[..., None], axis=1)
-        h_BPD = layers.ACTIVATIONS["gelu_exact"](
+        h_BPD = layers.ACTIVATIONS[cfg.activation](
             _dense(cfg.d_model, (layers.EMBED, layers.MLP), "mlm_transform", kw)(h_BPD))
-        h_BPD = layers.layer_norm("mlm_ln", epsilon=1e-12, **kw)(h_BPD)
+        h_BPD = layers.layer_norm("mlm_ln", epsilon=cfg.ln_epsilon, **kw)(h_BPD)
         bias = self.param("mlm_bias", layers.partitioned(nn.initializers.zeros, (layers.VOCAB,)),
-                          (cfg.vocab_size,), jnp.dtype(cfg.param_dtype))
-        return wte.attend(h_BPD) + bias.astype(h_BPD.dtype)
+                          (cfg.table_size,), jnp.dtype(cfg.param_dtype))
+        return layers.mask_padded_logits(wte.attend(h_BPD) + bias.astype(h_BPD.dtype),
+                                         cfg.vocab_size)
 
 
 def count_params(config: BertConfig) -> int:

@@ -33,6 +33,16 @@ class GPTConfig:
     remat: str = "none"  # "none" | "full" | "dots_saveable" (layers.REMAT_POLICIES)
     scan_layers: bool = False  # one scanned block "h" with stacked params, instead of h_0..
     query_blocks: int = 1  # causal attention in query blocks (layers.MultiHeadAttention)
+    activation: str = "gelu"  # GPT-2's tanh GELU (layers.ACTIVATIONS)
+    ln_epsilon: float = 1e-5
+    # Embedding rows = vocab_size rounded up to this multiple (layers.padded_vocab_size);
+    # the padded rows' logits are masked. Imported GPT-2 checkpoints use 128.
+    vocab_multiple: int = 1
+
+    @property
+    def table_size(self) -> int:
+        """Rows of the token embedding (and width of the logits)."""
+        return layers.padded_vocab_size(self.vocab_size, self.vocab_multiple)
 
     @classmethod
     def from_config(cls, model_config, **overrides):
@@ -58,7 +68,7 @@ class GPT(nn.Module):
         elif positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
 
-        wte = layers.token_embedding(cfg.vocab_size, cfg.d_model, "wte", **kw)
+        wte = layers.token_embedding(cfg.table_size, cfg.d_model, "wte", **kw)
         x_BLD = wte(tokens_BL) + layers.LearnedPositionEmbedding(
             cfg.max_len, cfg.d_model, name="wpe", **kw)(positions_BL)
         x_BLD = nn.Dropout(cfg.dropout_rate)(x_BLD, deterministic=deterministic)
@@ -66,14 +76,15 @@ class GPT(nn.Module):
         x_BLD = layers.self_attention_stack(
             x_BLD, segment_ids_BL, deterministic, num_layers=cfg.num_layers, name="h",
             remat=cfg.remat, scan_layers=cfg.scan_layers, num_heads=cfg.num_heads,
-            d_ff=cfg.d_ff, pre_ln=True, causal=True, activation="gelu",
+            d_ff=cfg.d_ff, pre_ln=True, causal=True, activation=cfg.activation,
             dropout_rate=cfg.dropout_rate, attention_dropout_rate=cfg.attention_dropout_rate,
             implementation=cfg.attention, decode=cfg.decode, query_blocks=cfg.query_blocks,
-            **kw)
-        x_BLD = layers.layer_norm("ln_f", **kw)(x_BLD)
+            ln_epsilon=cfg.ln_epsilon, **kw)
+        x_BLD = layers.layer_norm("ln_f", epsilon=cfg.ln_epsilon, **kw)(x_BLD)
         if hidden_only:
             return x_BLD
-        return wte.attend(x_BLD)  # tied output projection, logits_BLV in the compute dtype
+        # Tied output projection, logits_BLV (table_size wide) in the compute dtype.
+        return layers.mask_padded_logits(wte.attend(x_BLD), cfg.vocab_size)
 
     def _decode_positions(self, tokens_BL):
         """Positions continue from the number of tokens already in the KV cache."""

@@ -248,9 +248,29 @@ class MultiHeadAttention(nn.Module):
                                    heads_first_kv=True)
 
 
-# GPT-2 used the tanh approximation of GELU; BERT's released code the exact erf form.
+# GPT-2 used the tanh approximation of GELU; BERT's released code the exact erf form; Marian
+# (opus-mt) models use SiLU / swish, x sigmoid(x) (Ramachandran et al. 2017).
 ACTIVATIONS = {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=True),
-               "gelu_exact": lambda x: nn.gelu(x, approximate=False)}
+               "gelu_exact": lambda x: nn.gelu(x, approximate=False), "silu": nn.silu}
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = 1) -> int:
+    """Rows of the embedding table: vocab_size rounded up to a multiple of `multiple`.
+
+    A published vocabulary such as GPT-2's 50,257 tokens divides by no tensor-parallel degree;
+    padded to 50,304 (multiple 128) its rows split evenly. The padded rows are never inputs
+    and their logits are masked (mask_padded_logits), so losses and samples are unchanged.
+    """
+    return -(-vocab_size // multiple) * multiple
+
+
+def mask_padded_logits(logits_BLV, vocab_size: int):
+    """Logits with the entries of padded vocabulary rows (ids >= vocab_size) at the dtype's
+    lowest value: softmax gives them probability 0, argmax never picks them."""
+    if logits_BLV.shape[-1] == vocab_size:
+        return logits_BLV
+    valid = jnp.arange(logits_BLV.shape[-1]) < vocab_size
+    return jnp.where(valid, logits_BLV, jnp.finfo(logits_BLV.dtype).min)
 
 
 class FeedForward(nn.Module):
@@ -306,17 +326,36 @@ class LearnedPositionEmbedding(nn.Module):
         return jnp.take(table, positions_BL, axis=0).astype(self.dtype)
 
 
-def sinusoidal_positions(positions_BL, d_model, dtype=jnp.float32):
+POSITION_LAYOUTS = ("interleaved", "split")
+
+
+def sinusoidal_positions(positions_BL, d_model, dtype=jnp.float32, layout="interleaved",
+                         max_len=None):
     """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...) (sec. 3.5).
 
-    Sines and cosines are interleaved as in the paper's formula, so each frequency occupies an
-    adjacent (sin, cos) pair and PE(pos + k) is a rotation of PE(pos).
+    "interleaved": sines and cosines alternate as in the paper's formula, so each frequency
+    occupies an adjacent (sin, cos) pair and PE(pos + k) is a rotation of PE(pos). "split":
+    all sines, then all cosines (the layout of Marian / opus-mt checkpoints); the same values
+    in another order. With `max_len` the table is computed once in float64 and looked up, so
+    the values are the correctly rounded ones whatever the position (fp32 angles lose about
+    1e-7 of the angle, i.e. ~1e-5 at position 100).
     """
-    i = jnp.arange(d_model // 2, dtype=jnp.float32)
-    inv_freq = 1.0 / (10000.0 ** (2.0 * i / d_model))
-    angles_BLI = positions_BL.astype(jnp.float32)[..., None] * inv_freq
-    pe = jnp.stack([jnp.sin(angles_BLI), jnp.cos(angles_BLI)], axis=-1)
-    return pe.reshape(positions_BL.shape + (d_model,)).astype(dtype)
+    if layout not in POSITION_LAYOUTS:
+        raise ValueError(f"unknown position layout {layout!r}; use one of {POSITION_LAYOUTS}")
+    half = d_model // 2
+    inv_freq = 1.0 / (10000.0 ** (2.0 * np.arange(half) / d_model))
+
+    def arrange(xp, angles):
+        sin, cos = xp.sin(angles), xp.cos(angles)
+        if layout == "split":
+            return xp.concatenate([sin, cos], -1)
+        return xp.stack([sin, cos], -1).reshape(angles.shape[:-1] + (d_model,))
+
+    if max_len is not None:
+        table = arrange(np, np.arange(max_len, dtype=np.float64)[:, None] * inv_freq)
+        return jnp.take(jnp.asarray(table, dtype), positions_BL, axis=0)
+    angles_BLI = positions_BL.astype(jnp.float32)[..., None] * inv_freq.astype(np.float32)
+    return arrange(jnp, angles_BLI).astype(dtype)
 
 
 class SelfAttentionBlock(nn.Module):

@@ -40,6 +40,17 @@ class TransformerConfig:
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     decode: bool = False
+    # What Marian (opus-mt) checkpoints vary, with the paper's choices as defaults:
+    embed_scale: bool = True  # token embeddings times sqrt(d_model) (sec. 3.4)
+    position_layout: str = "interleaved"  # or "split" (layers.sinusoidal_positions)
+    final_logits_bias: bool = False  # a per-token bias on the output logits
+    ln_epsilon: float = 1e-5
+    pad_id: int = 0  # the source padding id when no segment ids are given
+    vocab_multiple: int = 1  # embedding rows padded to a multiple (models/gpt.py GPTConfig)
+
+    @property
+    def table_size(self) -> int:
+        return layers.padded_vocab_size(self.vocab_size, self.vocab_multiple)
 
     @classmethod
     def from_config(cls, model_config, **overrides):
@@ -64,9 +75,10 @@ class Encoder(nn.Module):
             remat=cfg.remat, num_heads=cfg.num_heads, d_ff=cfg.d_ff, pre_ln=cfg.pre_ln,
             causal=False, activation=cfg.activation, dropout_rate=cfg.dropout_rate,
             attention_dropout_rate=cfg.attention_dropout_rate, implementation=cfg.attention,
-            **cfg.kw)
+            ln_epsilon=cfg.ln_epsilon, **cfg.kw)
         # Pre-LN leaves the residual stream unnormalised; post-LN blocks end with a LayerNorm.
-        return layers.layer_norm("ln_f", **cfg.kw)(x_BSD) if cfg.pre_ln else x_BSD
+        return (layers.layer_norm("ln_f", epsilon=cfg.ln_epsilon, **cfg.kw)(x_BSD)
+                if cfg.pre_ln else x_BSD)
 
 
 class DecoderBlock(nn.Module):
@@ -89,7 +101,7 @@ class DecoderBlock(nn.Module):
         drop = nn.Dropout(cfg.dropout_rate)
 
         def residual(h, sublayer, ln_name):
-            ln = layers.layer_norm(ln_name, **cfg.kw)
+            ln = layers.layer_norm(ln_name, epsilon=cfg.ln_epsilon, **cfg.kw)
             if cfg.pre_ln:
                 return h + drop(sublayer(ln(h)), deterministic=deterministic)
             return ln(h + drop(sublayer(h), deterministic=deterministic))
@@ -126,7 +138,8 @@ class Decoder(nn.Module):
         for i, block in enumerate(blocks):
             y_BLD = block(y_BLD, encoded_BSD, src_segment_BS, tgt_segment_BL, deterministic,
                           cross_kv=None if cross_kv is None else cross_kv[i])
-        return layers.layer_norm("ln_f", **cfg.kw)(y_BLD) if cfg.pre_ln else y_BLD
+        return (layers.layer_norm("ln_f", epsilon=cfg.ln_epsilon, **cfg.kw)(y_BLD)
+                if cfg.pre_ln else y_BLD)
 
 
 class Transformer(nn.Module):
@@ -137,8 +150,12 @@ class Transformer(nn.Module):
         cfg = self.config
         # Initialised with std d_model^-0.5, so that after the sqrt(d_model) scaling the token
         # signal has unit variance, like the sinusoids it is added to.
-        self.embed = layers.token_embedding(cfg.vocab_size, cfg.d_model, "embed",
+        self.embed = layers.token_embedding(cfg.table_size, cfg.d_model, "embed",
                                             stddev=cfg.d_model ** -0.5, **cfg.kw)
+        if cfg.final_logits_bias:
+            self.logits_bias = self.param(
+                "final_logits_bias", layers.partitioned(nn.initializers.zeros, (layers.VOCAB,)),
+                (cfg.table_size,), jnp.dtype(cfg.param_dtype))
         self.dropout = nn.Dropout(cfg.dropout_rate)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
@@ -149,13 +166,16 @@ class Transformer(nn.Module):
         cfg = self.config
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(ids_BL.shape[1]), ids_BL.shape)
-        x = self.embed(ids_BL) * np.sqrt(cfg.d_model) + layers.sinusoidal_positions(
-            positions_BL, cfg.d_model, jnp.dtype(cfg.dtype))
+        x = self.embed(ids_BL)
+        if cfg.embed_scale:
+            x = x * np.sqrt(cfg.d_model)
+        x = x + layers.sinusoidal_positions(positions_BL, cfg.d_model, jnp.dtype(cfg.dtype),
+                                            cfg.position_layout, cfg.max_len)
         return self.dropout(x, deterministic=deterministic)
 
     def encode(self, src_BS, src_segment_BS=None, src_positions_BS=None, deterministic=True):
         if src_segment_BS is None:
-            src_segment_BS = (src_BS != 0).astype(jnp.int32)
+            src_segment_BS = (src_BS != self.config.pad_id).astype(jnp.int32)
         return self.encoder(self._embed(src_BS, src_positions_BS, deterministic),
                             src_segment_BS, deterministic)
 
@@ -167,7 +187,14 @@ class Transformer(nn.Module):
         y_BLD = self.decoder(self._embed(tgt_in_BL, tgt_positions_BL, deterministic),
                              encoded_BSD, src_segment_BS, tgt_segment_BL, deterministic,
                              cross_kv=cross_kv)
-        return y_BLD if hidden_only else self.embed.attend(y_BLD)
+        return y_BLD if hidden_only else self.output_logits(y_BLD)
+
+    def output_logits(self, y_BLD):
+        """The tied output layer (plus final_logits_bias), padded vocabulary rows masked."""
+        logits_BLV = self.embed.attend(y_BLD)
+        if self.config.final_logits_bias:
+            logits_BLV = logits_BLV + self.logits_bias.astype(logits_BLV.dtype)
+        return layers.mask_padded_logits(logits_BLV, self.config.vocab_size)
 
     def project_cross(self, encoded_BSD):
         """Per decoder layer, the encoder-decoder attention keys and values (computed once)."""
@@ -177,7 +204,7 @@ class Transformer(nn.Module):
                  src_positions_BS=None, tgt_positions_BL=None, deterministic=True,
                  hidden_only=False):
         if src_segment_BS is None:
-            src_segment_BS = (src_BS != 0).astype(jnp.int32)
+            src_segment_BS = (src_BS != self.config.pad_id).astype(jnp.int32)
         encoded_BSD = self.encode(src_BS, src_segment_BS, src_positions_BS, deterministic)
         return self.decode(tgt_in_BL, encoded_BSD, src_segment_BS, tgt_segment_BL,
                            tgt_positions_BL, deterministic, hidden_only=hidden_only)
@@ -209,7 +236,7 @@ def init_decode_cache(model: "Transformer", params, src_BS, max_len: int, copies
     (beam search) their outputs are then repeated, row b * copies + k for hypothesis k of
     sentence b, and the cache is sized for all B * copies rows.
     """
-    src_segment_BS = (src_BS != 0).astype(jnp.int32)
+    src_segment_BS = (src_BS != model.config.pad_id).astype(jnp.int32)
     encoded = model.apply({"params": params}, src_BS, src_segment_BS, method=Transformer.encode)
     cross_kv = model.apply({"params": params}, encoded, method=Transformer.project_cross)
     if copies > 1:

@@ -10,7 +10,7 @@ import math
 import os
 
 from data.tokenizer import MODEL_TYPES as TOKENIZERS
-from models.layers import ACTIVATIONS, REMAT_POLICIES
+from models.layers import ACTIVATIONS, POSITION_LAYOUTS, REMAT_POLICIES
 
 ATTENTION = ("fast", "xla", "cudnn", "reference")  # models/layers.py MultiHeadAttention
 DTYPES = ("float32", "bfloat16", "float16")
@@ -70,6 +70,8 @@ RULES = {
     "model.dtype": _choice(*DTYPES), "model.param_dtype": _choice(*DTYPES),
     "model.attention": _choice(*ATTENTION), "model.remat": _choice(*REMAT_POLICIES),
     "model.activation": _choice(*ACTIVATIONS),
+    "model.ln_epsilon": _number(0, 1, low_open=True), "model.vocab_multiple": POSITIVE,
+    "model.position_layout": _choice(*POSITION_LAYOUTS), "model.pad_id": NON_NEGATIVE,
     "data.max_len": POSITIVE, "data.max_predictions": POSITIVE, "data.dupe_factor": POSITIVE,
     "data.doc_stride": POSITIVE, "data.max_query_len": POSITIVE, "data.n_best": POSITIVE,
     "data.max_answer_len": POSITIVE, "data.eval_sentences": POSITIVE,

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
 from data import lm as lm_data
-from train import checkpoint, config as config_lib, metrics as metrics_lib, sharding
+from train import checkpoint, config as config_lib, metrics as metrics_lib, pretrained as hf_io
+from train import sharding
 from train import step as step_lib
 from train.config import ConfigError
 from train.tasks import Task
@@ -60,11 +61,15 @@ def evaluate(eval_step, params, eval_rows, config, batch_shard,
 
 def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     """Trains `task` as configured; returns the final eval metrics."""
+    hf_io.configure(config)  # init_from=hf:DIR sets the architecture from DIR/config.json
     config_lib.validate(config)
     config_lib.check_workdir(workdir)
     notes = checkpoint.check_resume_config(config, workdir)
     s = step_lib.build(task, config)
     config_lib.check_batch_split(config, dict(s.mesh.shape))
+    hf_dir = hf_io.hf_folder(config.get("init_from", ""))
+    if hf_dir:  # every tensor's name and shape, before anything is written
+        hf_report = hf_io.check(config, s.abstract.params)
     os.makedirs(workdir, exist_ok=True)
     data = task.prepare_data(config, workdir)
     ckpt = checkpoint.Checkpointer(workdir, save_every_steps=config.checkpoint_every_steps,
@@ -75,7 +80,11 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     rng = jax.random.key(config.seed)
     resuming = ckpt.latest_step() is not None
     pretrained = {}
-    if config.get("init_from") and not resuming:
+    if hf_dir and not resuming:
+        pretrained = hf_io.load_params(config, s.abstract.params, s.state_shardings.params)
+        print(f"initialised from {hf_dir}" + (f"; freshly initialised: {hf_report['fresh']}"
+                                              if hf_report["fresh"] else ""))
+    elif config.get("init_from") and not resuming:
         if task.load_pretrained is None:
             raise ConfigError(f"task {task.name} cannot start from config.init_from; leave it "
                               "empty")

@@ -47,25 +47,28 @@ def default_chunk_length(batch, length, vocab, platform=None):
 
 
 def tied_cross_entropy(x_BLD, embedding_VD, targets_BL, label_smoothing=0.0,
-                       chunk_length=None):
-    """(smoothed loss, cross-entropy, correct) per position for logits = x E^T, in fp32.
+                       chunk_length=None, *, bias_V=None, vocab_size=None):
+    """(smoothed loss, cross-entropy, correct) per position for logits = x E^T (+ bias), fp32.
 
     `correct` is 1.0 where the target's logit is the largest (the argmax accuracy; an exact
     tie with another token also counts) and carries no gradient. `chunk_length` (a divisor
-    of L; default: default_chunk_length) only changes speed, not the numbers.
+    of L; default: default_chunk_length) only changes speed, not the numbers. `vocab_size`
+    below E's row count marks the rows past it as vocabulary padding: their logits are
+    masked out of the softmax and of the smoothing term, so they get no gradient either.
     """
     batch, length, _ = x_BLD.shape
+    rows = embedding_VD.shape[0]
     if chunk_length is None:
-        chunk_length = default_chunk_length(batch, length, embedding_VD.shape[0])
+        chunk_length = default_chunk_length(batch, length, rows)
     if length % chunk_length:
         raise ValueError(f"chunk_length {chunk_length} does not divide the length {length}")
-    return _tied_cross_entropy(x_BLD, embedding_VD, targets_BL, float(label_smoothing),
-                               chunk_length)
+    return _tied_cross_entropy(x_BLD, embedding_VD, bias_V, targets_BL,
+                               float(label_smoothing), chunk_length, int(vocab_size or rows))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _tied_cross_entropy(x_BLD, embedding_VD, targets_BL, eps, chunk):
-    out, _ = _forward(x_BLD, embedding_VD, targets_BL, eps, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _tied_cross_entropy(x_BLD, embedding_VD, bias_V, targets_BL, eps, chunk, valid):
+    out, _ = _forward(x_BLD, embedding_VD, bias_V, targets_BL, eps, chunk, valid)
     return out
 
 
@@ -83,19 +86,32 @@ def _unchunk(stacked, batch):
     return jnp.moveaxis(parts, 0, 1).reshape(batch, k * (n // batch), *stacked.shape[2:])
 
 
-def _forward(x_BLD, embedding_VD, targets_BL, eps, chunk):
+def _valid_columns(rows, valid):
+    """Boolean V mask of the real vocabulary, or None when there is no padding."""
+    return None if valid >= rows else jnp.arange(rows) < valid
+
+
+def _forward(x_BLD, embedding_VD, bias_V, targets_BL, eps, chunk, valid):
     batch, length, _ = x_BLD.shape
     # Products in the compute dtype (XLA:CPU has no bf16 x bf16 -> fp32 dot), softmax in fp32.
     embedding_VD_c = embedding_VD.astype(x_BLD.dtype)
+    columns_V = _valid_columns(embedding_VD.shape[0], valid)
 
     def step(_, i):
         logits_NV = lax.dot_general(_chunk(x_BLD, i, chunk), embedding_VD_c,
                                     _ROWS_BY_COLUMNS).astype(jnp.float32)
+        if bias_V is not None:
+            logits_NV = logits_NV + bias_V.astype(jnp.float32)
+        if columns_V is None:
+            mean_N = jnp.mean(logits_NV, axis=-1)
+        else:
+            mean_N = jnp.sum(jnp.where(columns_V, logits_NV, 0.0), axis=-1) / valid
+            logits_NV = jnp.where(columns_V, logits_NV, jnp.finfo(jnp.float32).min)
         max_N = jnp.max(logits_NV, axis=-1)
         lse_N = max_N + jnp.log(jnp.sum(jnp.exp(logits_NV - max_N[:, None]), axis=-1))
         target_N = jnp.take_along_axis(logits_NV, _chunk(targets_BL, i, chunk)[:, None],
                                        axis=-1)[:, 0]
-        return None, (logits_NV, (lse_N, target_N, max_N, jnp.mean(logits_NV, axis=-1)))
+        return None, (logits_NV, (lse_N, target_N, max_N, mean_N))
 
     # The logits stay stacked by chunk, (K, B * chunk, V): the backward pass walks them in
     # the same order, so they are never laid out as (B, L, V).
@@ -104,18 +120,23 @@ def _forward(x_BLD, embedding_VD, targets_BL, eps, chunk):
     nll_BL = lse_BL - target_BL
     smoothed_BL = (1.0 - eps) * nll_BL + eps * (lse_BL - mean_BL)
     correct_BL = (target_BL >= max_BL).astype(jnp.float32)
-    return (smoothed_BL, nll_BL, correct_BL), (x_BLD, embedding_VD, targets_BL, logits_KNV,
-                                               lse_BL)
+    return (smoothed_BL, nll_BL, correct_BL), (x_BLD, embedding_VD, bias_V, targets_BL,
+                                               logits_KNV, lse_BL)
 
 
-def _backward(eps, chunk, residuals, cotangents):
-    x_BLD, embedding_VD, targets_BL, logits_KNV, lse_BL = residuals
+def _backward(eps, chunk, valid, residuals, cotangents):
+    x_BLD, embedding_VD, bias_V, targets_BL, logits_KNV, lse_BL = residuals
     g_smoothed_BL, g_nll_BL, _ = cotangents
     batch, length, dim = x_BLD.shape
     vocab = embedding_VD.shape[0]
     embedding_VD_c = embedding_VD.astype(x_BLD.dtype)
+    columns_V = _valid_columns(vocab, valid)
+    # The smoothing target's eps / V share, on the real vocabulary only.
+    smooth_V = (jnp.full((vocab,), eps / valid, jnp.float32) if columns_V is None
+                else jnp.where(columns_V, eps / valid, 0.0))
 
-    def step(dembedding_DV, inputs):
+    def step(carry, inputs):
+        dembedding_DV, dbias_V = carry
         i, logits_NV = inputs
         g_s_N, g_n_N = _chunk(g_smoothed_BL, i, chunk), _chunk(g_nll_BL, i, chunk)
         p_NV = jnp.exp(logits_NV - _chunk(lse_BL, i, chunk)[:, None])
@@ -123,16 +144,21 @@ def _backward(eps, chunk, residuals, cotangents):
                      == _chunk(targets_BL, i, chunk)[:, None])
         dlogits_NV = ((g_s_N + g_n_N)[:, None] * p_NV
                       - jnp.where(onehot_NV, ((1.0 - eps) * g_s_N + g_n_N)[:, None], 0.0)
-                      - (eps / vocab) * g_s_N[:, None]).astype(x_BLD.dtype)
+                      - smooth_V * g_s_N[:, None])
+        dbias_V += jnp.sum(dlogits_NV, axis=0)
+        dlogits_NV = dlogits_NV.astype(x_BLD.dtype)
         # E's gradient as (x^T dlogits)^T: the big operand stays in its row-major layout.
         dembedding_DV += lax.dot_general(_chunk(x_BLD, i, chunk), dlogits_NV,
                                          _COLUMNS_BY_COLUMNS).astype(jnp.float32)
-        return dembedding_DV, dlogits_NV @ embedding_VD_c
+        return (dembedding_DV, dbias_V), dlogits_NV @ embedding_VD_c
 
-    dembedding_DV, dx_KND = lax.scan(step, jnp.zeros((dim, vocab), jnp.float32),
-                                     (jnp.arange(length // chunk), logits_KNV))
+    (dembedding_DV, dbias_V), dx_KND = lax.scan(
+        step, (jnp.zeros((dim, vocab), jnp.float32), jnp.zeros((vocab,), jnp.float32)),
+        (jnp.arange(length // chunk), logits_KNV))
     dtargets = jnp.zeros(targets_BL.shape, jax.dtypes.float0)
-    return (_unchunk(dx_KND, batch), dembedding_DV.T.astype(embedding_VD.dtype), dtargets)
+    dbias_V = None if bias_V is None else dbias_V.astype(bias_V.dtype)
+    return (_unchunk(dx_KND, batch), dembedding_DV.T.astype(embedding_VD.dtype), dbias_V,
+            dtargets)
 
 
 _tied_cross_entropy.defvjp(_forward, _backward)

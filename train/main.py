@@ -15,7 +15,8 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from data.errors import DataError
-from train import checkpoint, cli, config as config_lib, host, loop, memory, multihost, tasks
+from train import checkpoint, cli, config as config_lib, host, loop, memory, multihost
+from train import pretrained, tasks
 from train.config import ConfigError
 
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, tokenizer.")
@@ -37,6 +38,7 @@ def main(argv):
     host.keep_freed_memory()  # CPU runs: reuse the step's memory (before JAX starts threads)
     config, fl = flags.FLAGS.config, flags.FLAGS
     try:
+        pretrained.configure(config)  # init_from=hf:DIR: the architecture of DIR
         config_lib.validate(config)  # (train_and_evaluate checks --workdir)
         # Both first: the CPU device count and jax.distributed.initialize cannot change once
         # a JAX device has been used.

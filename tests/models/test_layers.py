@@ -104,3 +104,18 @@ def test_feed_forward_matches_formula():
     w2, b2 = params["wo"]["kernel"], params["wo"]["bias"]
     expected = np.maximum(x @ w1 + b1, 0) @ w2 + b2
     np.testing.assert_allclose(ff.apply({"params": params}, x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_split_sinusoids_are_the_interleaved_ones_reordered_and_exact():
+    """Marian's layout: all sines, then all cosines; the float64 table is the correctly
+    rounded value at every position."""
+    positions = jnp.arange(100)[None]
+    interleaved = np.asarray(layers.sinusoidal_positions(positions, 8, max_len=100))[0]
+    split = np.asarray(layers.sinusoidal_positions(positions, 8, layout="split",
+                                                   max_len=100))[0]
+    np.testing.assert_array_equal(split[:, :4], interleaved[:, 0::2])
+    np.testing.assert_array_equal(split[:, 4:], interleaved[:, 1::2])
+    exact = np.sin(99 / 10000 ** (2 * 1 / 8))
+    assert split[99, 1] == np.float32(exact)
+    computed = np.asarray(layers.sinusoidal_positions(positions, 8))[0]
+    np.testing.assert_allclose(computed, interleaved, atol=1e-5)

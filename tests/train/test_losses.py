@@ -83,3 +83,33 @@ def test_default_chunks_fit_the_cpu_budget_and_divide_the_length():
     assert losses.default_chunk_length(1, 7, 2 ** 23, "cpu") == 1  # never below one position
     with pytest.raises(ValueError, match="does not divide"):
         losses.tied_cross_entropy(*_inputs()[:3], 0.0, chunk_length=2)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_padded_vocabulary_and_logit_bias_equal_the_unpadded_loss(eps):
+    """Rows past vocab_size (vocabulary padding) change neither the loss nor any gradient of
+    the real rows, and get zero gradient; a logit bias (Marian's final_logits_bias) gets the
+    gradient of logits + bias written out."""
+    x_BLD, embedding_VD, targets_BL, weights_BL = _inputs(vocab=37)
+    bias_V = jax.random.normal(jax.random.key(5), (37,))
+    padded_VD = jnp.concatenate([embedding_VD, jax.random.normal(jax.random.key(6), (27, 8))])
+    padded_bias_V = jnp.concatenate([bias_V, jnp.full((27,), 4.0)])
+
+    def objective(x, e, b, padded):
+        if padded:
+            out = losses.tied_cross_entropy(x, e, targets_BL, eps, bias_V=b, vocab_size=37)
+        else:  # the bias written out, against optax's unfused loss
+            logits = x @ e.T + b
+            soft = optax.smooth_labels(jax.nn.one_hot(targets_BL, 37), eps)
+            out = (optax.softmax_cross_entropy(logits, soft),
+                   optax.softmax_cross_entropy_with_integer_labels(logits, targets_BL))
+        return jnp.sum(out[0] * weights_BL) + 0.3 * jnp.sum(out[1] * weights_BL)
+
+    grad = jax.value_and_grad(objective, argnums=(0, 1, 2))
+    ref, (gx_ref, ge_ref, gb_ref) = grad(x_BLD, embedding_VD, bias_V, False)
+    ours, (gx, ge, gb) = jax.jit(grad, static_argnums=3)(x_BLD, padded_VD, padded_bias_V, True)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ge[:37], ge_ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gb[:37], gb_ref, rtol=1e-4, atol=1e-6)
+    assert not np.asarray(ge[37:]).any() and not np.asarray(gb[37:]).any()

@@ -71,7 +71,8 @@ def loss_fn(params, batch, rng, *, model, train):
         deterministic=not train, rngs={"dropout": rng} if train else None, hidden_only=True)
     # The tied output layer and the softmax cross-entropy as one op (fp32 logits and loss).
     _, nll_BL, correct_BL = losses.tied_cross_entropy(x_BLD, params["wte"]["embedding"],
-                                                      batch["targets"])
+                                                      batch["targets"],
+                                                      vocab_size=model.config.vocab_size)
     weights_BL = batch["weights"]
     correct_BL = correct_BL * weights_BL
     loss_sum = jnp.sum(nll_BL * weights_BL)

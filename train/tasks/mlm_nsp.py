@@ -24,7 +24,7 @@ from train.tasks import lm
 
 # The encoder's shape: a fine-tuning config must agree with its pretraining run on these.
 ENCODER_KEYS = ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "d_ff",
-                "type_vocab_size", "scan_layers")
+                "type_vocab_size", "scan_layers", "activation", "ln_epsilon", "vocab_multiple")
 
 
 def build_model(config, **overrides) -> bert.Bert:

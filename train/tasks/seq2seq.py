@@ -81,7 +81,8 @@ def loss_fn(params, batch, rng, *, model, train):
     # -sum_v q(v) log p(v) with q = (1 - eps) one_hot + eps / V, fused with the tied output
     # layer (train/losses.py).
     smoothed_BL, nll_BL, correct_BL = losses.tied_cross_entropy(
-        y_BLD, params["embed"]["embedding"], batch["targets"], model.config.label_smoothing)
+        y_BLD, params["embed"]["embedding"], batch["targets"], model.config.label_smoothing,
+        bias_V=params.get("final_logits_bias"), vocab_size=model.config.vocab_size)
     w_BL = batch["weights"]
     loss_sum = jnp.sum(smoothed_BL * w_BL)
     correct = correct_BL * w_BL

@@ -1,0 +1,427 @@
+"""Hugging Face model folders in and out: config.json + safetensors <-> our sharded params.
+
+`--config.init_from=hf:DIR` starts a run from a local Hugging Face folder (GPT-2, BERT with
+any of its heads, MarianMT): `configure` rewrites config.model from DIR/config.json before
+anything is built, `check` compares every tensor's name and shape with the model's before
+anything is written, and `load_params` places each tensor straight onto the mesh. `export`
+writes a run (trained here or imported) back as a folder `from_pretrained` loads.
+
+Weights are read only from safetensors files; a folder that has only pickled weights
+(pytorch_model.bin and the like) is refused, never unpickled. The safetensors header is
+parsed here (8-byte length, JSON table of dtype / shape / byte range per tensor) so a
+truncated or inconsistent file is one clear error before any data is read, and each
+tensor's bytes are read straight into one numpy buffer (no memory map, so the file's pages
+never count against the process), placed shard by shard, then dropped.
+"""
+import json
+import math
+import os
+import struct
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from data.errors import DataError
+from models import hf
+from models.hf import UnsupportedCheckpoint
+
+PREFIX = "hf:"
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+           "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_PICKLES = ("pytorch_model.bin", "model.bin", "tf_model.h5", "flax_model.msgpack", ".pt",
+            ".pth", ".ckpt", ".bin")
+
+
+def hf_folder(init_from) -> str | None:
+    """DIR of an init_from of the form 'hf:DIR', else None."""
+    if isinstance(init_from, str) and init_from.startswith(PREFIX):
+        return init_from[len(PREFIX):]
+    return None
+
+
+def read_hf_config(directory: str) -> dict:
+    """The folder's config.json, or a DataError naming what is missing."""
+    if not os.path.isdir(directory):
+        raise DataError(f"{directory} is not a folder; pass a local Hugging Face model folder "
+                        "(README: 'Pretrained weights' shows how to download one)")
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise DataError(f"{directory} has no config.json, so it is not a Hugging Face model "
+                        "folder; download the whole model folder, not only its weights")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); download it again") from None
+
+
+class SafetensorsFolder:
+    """Every tensor of a folder's safetensors file(s): name -> (file, dtype, shape, range)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        files = self._weight_files(directory)
+        self.entries = {}
+        for file in files:
+            for name, entry in self._header(file).items():
+                self.entries[name] = (file, *entry)
+
+    @staticmethod
+    def _weight_files(directory):
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.exists(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (ValueError, KeyError, UnicodeDecodeError) as e:
+                raise DataError(f"{index} is not a safetensors index ({e!r}); download it "
+                                "again") from None
+            files = sorted({os.path.join(directory, v) for v in weight_map.values()})
+            missing = [f for f in files if not os.path.exists(f)]
+            if missing:
+                raise DataError(f"{index} lists {len(files)} files but {missing[0]} is "
+                                "missing; download the whole folder")
+            return files
+        if os.path.exists(single):
+            return [single]
+        pickles = sorted(f for f in os.listdir(directory) if f.endswith(_PICKLES))
+        if pickles:
+            raise DataError(
+                f"{directory} has weights only as {pickles[0]}, a pickle, which can run code "
+                "when loaded, so it is never read here. Convert it to model.safetensors on a "
+                "machine you trust (transformers: AutoModel.from_pretrained(DIR)."
+                "save_pretrained(DIR)) or download the safetensors version")
+        raise DataError(f"{directory} has no model.safetensors (or model.safetensors."
+                        "index.json); download the model's weights into it")
+
+    @staticmethod
+    def _header(file):
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise DataError(f"{file} is truncated ({size} bytes, no safetensors header); "
+                                "download it again")
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                raise DataError(f"{file} is truncated or not a safetensors file (its header "
+                                f"claims {length} bytes, the file has {size}); download it "
+                                "again")
+            try:
+                table = json.loads(f.read(length))
+            except (ValueError, UnicodeDecodeError):
+                raise DataError(f"{file} has a damaged safetensors header; download it "
+                                "again") from None
+        table.pop("__metadata__", None)
+        entries, end = {}, 0
+        for name, t in table.items():
+            if t.get("dtype") not in _DTYPES:
+                raise DataError(f"{file}: tensor {name} has dtype {t.get('dtype')!r}, which "
+                                f"is not supported ({sorted(_DTYPES)})")
+            start, stop = t["data_offsets"]
+            shape = tuple(t["shape"])
+            if stop - start != math.prod(shape) * np.dtype(_DTYPES[t["dtype"]]).itemsize:
+                raise DataError(f"{file}: tensor {name}'s byte range does not match its shape "
+                                f"{shape}; the file is damaged, download it again")
+            entries[name] = (_DTYPES[t["dtype"]], shape, 8 + length + start)
+            end = max(end, stop)
+        if 8 + length + end > size:
+            raise DataError(f"{file} is truncated: its tensors need {8 + length + end} bytes "
+                            f"and the file has {size}; download it again")
+        return entries
+
+    def shape(self, name):
+        return self.entries[name][2]
+
+    def read(self, name) -> np.ndarray:
+        """The tensor's values, read into a fresh numpy array."""
+        file, dtype, shape, offset = self.entries[name]
+        out = np.empty(shape, dtype)
+        with open(file, "rb") as f:
+            f.seek(offset)
+            f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        return out
+
+
+def configure(config):
+    """Sets config.model's architecture from the hf:DIR in config.init_from (in place).
+
+    The experiment's family must match the checkpoint's; dropout, dtypes and the rest stay
+    the experiment's. Returns config (unchanged when init_from is not hf:).
+    """
+    directory = hf_folder(config.get("init_from", ""))
+    if directory is None:
+        return config
+    multiple = config.model.get("vocab_multiple", 1)
+    # Published vocabularies (50,257 for GPT-2) are padded for tensor parallelism.
+    try:
+        family, fields = hf.model_fields(read_hf_config(directory),
+                                         128 if multiple == 1 else multiple)
+    except UnsupportedCheckpoint as e:
+        raise DataError(f"{directory}: {e}") from None
+    if family != config.model.get("family", "gpt"):
+        raise DataError(f"{directory} holds a {family} checkpoint but this experiment trains "
+                        f"a {config.model.get('family', 'gpt')} model; use "
+                        f"experiments/{family}.py (or a fine-tuning experiment of that family)")
+    missing = [k for k in fields if k not in config.model]
+    if missing:
+        raise DataError(f"this experiment's config.model has no {missing}; it cannot take a "
+                        f"{family} checkpoint")
+    for key, value in fields.items():
+        config.model[key] = value
+    return config
+
+
+def _paths(tree, prefix=""):
+    """path -> leaf of a nested dict."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_paths(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _nest(flat):
+    tree = {}
+    for path, leaf in flat.items():
+        node = tree
+        *parents, last = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = leaf
+    return tree
+
+
+def _plan(config, abstract_params, folder):
+    """our path -> (Rule or list of (layer, Rule) for stacked leaves, our leaf shape), for
+    the leaves the checkpoint has; and the top-level names it lacks (fresh heads)."""
+    family = config.model.get("family", "gpt")
+    rules = hf.tensor_rules(family, config.model.num_layers, folder.entries)
+    by_path = {}
+    for path, rule in rules.items():
+        base, layer = hf.stacked_name(path)
+        scanned = base in _paths(abstract_params) and path not in _paths(abstract_params)
+        if scanned:
+            by_path.setdefault(base, []).append((layer, rule))
+        else:
+            by_path[path] = rule
+    ours = _paths(abstract_params)
+    plan, fresh = {}, set()
+    for path, leaf in ours.items():
+        rule = by_path.get(path)
+        names = [r.name for _, r in rule] if isinstance(rule, list) else [rule.name] if rule \
+            else []
+        if not names or any(n not in folder.entries for n in names):
+            fresh.add(path.split("/")[0])
+            continue
+        plan[path] = (rule, leaf.shape)
+    return plan, fresh
+
+
+def check(config, abstract_params) -> dict:
+    """Compares the checkpoint with the model before anything is read or written.
+
+    Returns {"fresh": top-level parameter groups the checkpoint lacks (heads that start
+    from random), "unused": checkpoint tensors nothing reads}. A missing encoder / decoder
+    tensor or a shape that does not fit is a DataError naming the tensor.
+    """
+    directory = hf_folder(config.init_from)
+    folder = SafetensorsFolder(directory)
+    plan, fresh = _plan(config, abstract_params, folder)
+    allowed_fresh = {"mlm_transform", "mlm_ln", "mlm_bias", "nsp", "classifier",
+                     "qa_outputs", "pooler", "final_logits_bias"}
+    if fresh - allowed_fresh:
+        missing = sorted(fresh - allowed_fresh)
+        raise DataError(f"{directory} lacks the weights of {missing} (model.safetensors has "
+                        f"{len(folder.entries)} tensors, none of them for these); is it the "
+                        f"right model folder?")
+    vocab = config.model.vocab_size
+    for path, (rule, shape) in plan.items():
+        for r in ([r for _, r in rule] if isinstance(rule, list) else [rule]):
+            leaf_shape = shape[1:] if isinstance(rule, list) else shape
+            want = hf.expected_hf_shape(r, leaf_shape, vocab)
+            have = folder.shape(r.name)
+            if have != tuple(want):
+                raise DataError(f"{directory}: tensor {r.name} has shape {have} but config.json "
+                                f"implies {tuple(want)}; the weights and config.json do not "
+                                "belong together")
+    used = {r.name for rule, _ in plan.values()
+            for r in ([r for _, r in rule] if isinstance(rule, list) else [rule])}
+    unused = sorted(n for n in folder.entries if n not in used and not hf.is_derived(n))
+    return {"fresh": sorted(fresh), "unused": unused}
+
+
+def load_params(config, abstract_params, shardings) -> dict:
+    """The checkpoint's parameters, each placed straight onto the devices `shardings` names.
+
+    Top-level groups the checkpoint lacks (a classifier over a BertModel) are left out, so
+    the caller keeps them freshly initialised.
+    """
+    directory = hf_folder(config.init_from)
+    check(config, abstract_params)
+    folder = SafetensorsFolder(directory)
+    plan, _ = _plan(config, abstract_params, folder)
+    flat_shardings = _paths(shardings)
+    dtypes = {p: leaf.dtype for p, leaf in _paths(abstract_params).items()}
+    cache = {}  # GPT-2's c_attn feeds three leaves: read it once
+
+    def source(name):
+        if name not in cache:
+            cache.clear()
+            cache[name] = folder.read(name)
+        return cache[name]
+
+    placed = {}
+    for path, (rule, shape) in plan.items():
+        if isinstance(rule, list):
+            full = np.stack([hf.import_array(r, source(r.name), shape[1:])
+                             for _, r in sorted(rule, key=lambda x: x[0])])
+        else:
+            full = hf.import_array(rule, source(rule.name), shape)
+        full = full.astype(dtypes[path], copy=False)
+        placed[path] = jax.make_array_from_callback(
+            shape, flat_shardings[path], lambda index, a=full: np.ascontiguousarray(a[index]))
+    cache.clear()
+    return _nest(placed)
+
+
+def _embed_axes(logical_params) -> dict:
+    """path -> indices of the axes named `embed` (the model width) of each leaf."""
+    from models import layers
+    return {path: [i for i, n in enumerate(spec) if n == layers.EMBED]
+            for path, spec in _paths(logical_params).items()}
+
+
+def export_tensors(config, params, logical_params=None) -> dict:
+    """HF tensor name -> numpy array of a run's params (host copies, one leaf at a time).
+
+    Scanned layers are unstacked; a Transformer trained with interleaved sinusoids has its
+    model width reordered (hf.embed_permutation) so Marian's split sinusoids give the same
+    network; BERT heads absent from config.model.heads are not written.
+    """
+    m = config.model
+    family = m.get("family", "gpt")
+    rules = hf.tensor_rules(family, m.num_layers, prefix=hf.EXPORT_PREFIX[family])
+    if family == "bert" and "span" in m.heads:  # BertForQuestionAnswering has no pooler
+        rules = {p: r for p, r in rules.items() if not p.startswith("pooler/")}
+    permute = family == "transformer" and m.get("position_layout",
+                                                "interleaved") == "interleaved"
+    axes = _embed_axes(logical_params) if permute else {}
+    perm = hf.embed_permutation(m.d_model)
+    leaves = {}
+    for path, leaf in _paths(params).items():
+        a = np.asarray(jax.device_get(leaf))
+        for axis in axes.get(path, []):
+            a = np.take(a, perm, axis=axis)
+        leaves[path] = a
+    unstacked = {}
+    for path, rule in rules.items():
+        base, layer = hf.stacked_name(path)
+        if path in leaves:
+            unstacked[path] = leaves[path]
+        elif layer is not None and base in leaves:
+            unstacked[path] = leaves[base][layer]
+    if family == "transformer" and "final_logits_bias" not in unstacked:
+        unstacked["final_logits_bias"] = np.zeros((m.vocab_size,), np.float32)
+    out = hf.export_arrays(rules, unstacked, m.vocab_size)
+    return {k: v.astype(np.float32) if v.dtype != np.float32 and v.dtype.kind == "f" else v
+            for k, v in out.items()}
+
+
+def _new_folder(path: str) -> str:
+    """A temporary sibling of `path`, refusing a `path` that already holds files."""
+    import tempfile
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise DataError(f"{path} already exists and is not empty; pass a new folder (nothing "
+                        "already saved is overwritten)")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + ".tmp")
+
+
+def _commit(tmp: str, path: str) -> None:
+    if os.path.isdir(path):
+        os.rmdir(path)  # empty (checked by _new_folder)
+    os.replace(tmp, path)
+
+
+def import_run(directory: str, workdir: str, config) -> dict:
+    """Turns a Hugging Face folder into a run folder at `workdir`: config.json, the
+    tokenizer, and a step-0 checkpoint that every tool reads and train.main resumes.
+
+    Everything is checked first and written into a temporary sibling that is renamed at the
+    end, so a bad folder leaves nothing behind. Returns check()'s report.
+    """
+    import shutil
+
+    import flax.linen as nn
+
+    from data import tokenizer as tok
+    from train import checkpoint, config as config_lib, step as step_lib, tasks
+
+    config.init_from = PREFIX + directory
+    configure(config)
+    config_lib.validate(config)
+    task = tasks.get(config.task)
+    s = step_lib.build(task, config)
+    report = check(config, s.abstract.params)
+    tokenizer = tok.load_hf_tokenizer(directory)
+    tmp = _new_folder(workdir)
+    try:
+        with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+            state = s.init_fn(jax.random.key(config.seed))
+            params = load_params(config, s.abstract.params, s.state_shardings.params)
+            state = state.replace(params={**state.params, **params})
+        ckpt = checkpoint.Checkpointer(tmp, async_save=False)
+        ckpt.save(0, state, {"next_index": 0}, force=True)
+        ckpt.close()
+        tokenizer.save(tmp)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json(indent=2))
+        _commit(tmp, workdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def export_run(workdir: str, out_dir: str) -> dict:
+    """Writes the run in `workdir` (trained here or imported) as a Hugging Face folder:
+    model.safetensors, config.json and the tokenizer. Returns the config.json written."""
+    import shutil
+
+    import flax.linen as nn
+
+    from train import tasks
+
+    config, tokenizer, params, task = tasks.load_run(workdir)
+    family = config.model.get("family", "gpt")
+    model = task.build_model(config)
+    logical = nn.get_partition_spec(jax.eval_shape(
+        lambda: task.init_params(model, config, jax.random.key(0))))
+    tensors = export_tensors(config, params, logical)
+    if not hasattr(tokenizer, "export_hf"):
+        raise DataError(f"the tokenizer of {workdir} cannot be exported")
+    special = {k: getattr(tokenizer, k, None) for k in ("pad_id", "bos_id", "eos_id")}
+    heads = tuple(config.model.get("heads", ()))
+    try:
+        hf_cfg = hf.hf_config(family, config.model.to_dict(), special, heads=heads)
+    except UnsupportedCheckpoint as e:
+        raise DataError(f"{workdir}: {e}") from None
+    tmp = _new_folder(out_dir)
+    try:
+        from safetensors.numpy import save_file
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_cfg, f, indent=2)
+        tokenizer.export_hf(tmp, family)
+        _commit(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return hf_cfg
