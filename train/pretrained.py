@@ -136,13 +136,23 @@ class SafetensorsFolder:
     def shape(self, name):
         return self.entries[name][2]
 
-    def read(self, name) -> np.ndarray:
-        """The tensor's values, read into a fresh numpy array."""
+    def read(self, name, rows_like=None) -> np.ndarray:
+        """The tensor's values, read into a fresh numpy array.
+
+        With `rows_like` (our vocabulary-padded leaf shape) the values are read as rows of
+        that shape's trailing dims into a zero-filled array of its row count, so padding a
+        vocabulary costs no second copy.
+        """
         file, dtype, shape, offset = self.entries[name]
-        out = np.empty(shape, dtype)
+        if rows_like is None:
+            out = target = np.empty(shape, dtype)
+        else:
+            rest = tuple(rows_like[1:])
+            out = np.zeros((rows_like[0],) + rest, dtype)
+            target = out[:math.prod(shape) // max(math.prod(rest), 1)]
         with open(file, "rb") as f:
             f.seek(offset)
-            f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+            f.readinto(memoryview(target.reshape(-1).view(np.uint8)))
         return out
 
 
@@ -202,15 +212,14 @@ def _plan(config, abstract_params, folder):
     the leaves the checkpoint has; and the top-level names it lacks (fresh heads)."""
     family = config.model.get("family", "gpt")
     rules = hf.tensor_rules(family, config.model.num_layers, folder.entries)
+    ours = _paths(abstract_params)
     by_path = {}
     for path, rule in rules.items():
         base, layer = hf.stacked_name(path)
-        scanned = base in _paths(abstract_params) and path not in _paths(abstract_params)
-        if scanned:
+        if base in ours and path not in ours:  # scanned: one stacked leaf for every layer
             by_path.setdefault(base, []).append((layer, rule))
         else:
             by_path[path] = rule
-    ours = _paths(abstract_params)
     plan, fresh = {}, set()
     for path, leaf in ours.items():
         rule = by_path.get(path)
@@ -223,7 +232,7 @@ def _plan(config, abstract_params, folder):
     return plan, fresh
 
 
-def check(config, abstract_params) -> dict:
+def check(config, abstract_params, folder=None) -> dict:
     """Compares the checkpoint with the model before anything is read or written.
 
     Returns {"fresh": top-level parameter groups the checkpoint lacks (heads that start
@@ -231,7 +240,7 @@ def check(config, abstract_params) -> dict:
     tensor or a shape that does not fit is a DataError naming the tensor.
     """
     directory = hf_folder(config.init_from)
-    folder = SafetensorsFolder(directory)
+    folder = folder or SafetensorsFolder(directory)
     plan, fresh = _plan(config, abstract_params, folder)
     allowed_fresh = {"mlm_transform", "mlm_ln", "mlm_bias", "nsp", "classifier",
                      "qa_outputs", "pooler", "final_logits_bias"}
@@ -253,7 +262,37 @@ def check(config, abstract_params) -> dict:
     used = {r.name for rule, _ in plan.values()
             for r in ([r for _, r in rule] if isinstance(rule, list) else [rule])}
     unused = sorted(n for n in folder.entries if n not in used and not hf.is_derived(n))
-    return {"fresh": sorted(fresh), "unused": unused}
+    return {"fresh": sorted(fresh), "unused": unused, "plan": plan}
+
+
+_CHUNK_BYTES = 32 << 20
+
+
+def _put_in_chunks(folder, rule, shape, dtype, sharding):
+    """A large row-major leaf (GPT-2's 50,304 x 768 token table) read from the file in
+    chunks of rows, each written in place into the device array (a donated update), so the
+    host never holds more than one chunk beside the devices' copy."""
+    import jax.numpy as jnp
+
+    file, file_dtype, file_shape, offset = folder.entries[rule.name]
+    rest = tuple(shape[1:])
+    rows = math.prod(file_shape) // max(math.prod(rest), 1)
+    row_bytes = math.prod(rest) * np.dtype(file_dtype).itemsize
+    step = max(1, min(shape[0], _CHUNK_BYTES // row_bytes))
+    update = jax.jit(lambda buf, chunk, start: jax.lax.dynamic_update_slice_in_dim(
+        buf, chunk, start, 0), donate_argnums=0, out_shardings=sharding)
+    buf = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    with open(file, "rb") as f:
+        for start in range(0, rows, step):
+            # The last chunk is moved back to end at the table's end: rows it rewrites get
+            # the same values (or the zeros of vocabulary padding) again.
+            start = min(start, shape[0] - step)
+            chunk = np.zeros((step,) + rest, file_dtype)
+            n = max(0, min(step, rows - start))
+            f.seek(offset + start * row_bytes)
+            f.readinto(memoryview(chunk[:n].reshape(-1).view(np.uint8)))
+            buf = update(buf, chunk.astype(dtype, copy=False), start)
+    return buf
 
 
 def load_params(config, abstract_params, shardings) -> dict:
@@ -262,30 +301,37 @@ def load_params(config, abstract_params, shardings) -> dict:
     Top-level groups the checkpoint lacks (a classifier over a BertModel) are left out, so
     the caller keeps them freshly initialised.
     """
+    from train import host
     directory = hf_folder(config.init_from)
-    check(config, abstract_params)
     folder = SafetensorsFolder(directory)
-    plan, _ = _plan(config, abstract_params, folder)
+    plan = check(config, abstract_params, folder)["plan"]
+    host.return_large_buffers()
     flat_shardings = _paths(shardings)
     dtypes = {p: leaf.dtype for p, leaf in _paths(abstract_params).items()}
     cache = {}  # GPT-2's c_attn feeds three leaves: read it once
 
-    def source(name):
-        if name not in cache:
+    def source(rule, shape):
+        if rule.name not in cache:
             cache.clear()
-            cache[name] = folder.read(name)
-        return cache[name]
+            cache[rule.name] = folder.read(rule.name, shape if rule.kind == "vocab" else None)
+        return cache[rule.name]
 
     placed = {}
     for path, (rule, shape) in plan.items():
+        if (not isinstance(rule, list) and rule.kind in ("copy", "vocab")
+                and math.prod(shape) * dtypes[path].itemsize > _CHUNK_BYTES):
+            placed[path] = _put_in_chunks(folder, rule, shape, dtypes[path],
+                                          flat_shardings[path])
+            continue
         if isinstance(rule, list):
-            full = np.stack([hf.import_array(r, source(r.name), shape[1:])
+            full = np.stack([hf.import_array(r, source(r, shape[1:]), shape[1:])
                              for _, r in sorted(rule, key=lambda x: x[0])])
         else:
-            full = hf.import_array(rule, source(rule.name), shape)
+            full = hf.import_array(rule, source(rule, shape), shape)
         full = full.astype(dtypes[path], copy=False)
         placed[path] = jax.make_array_from_callback(
             shape, flat_shardings[path], lambda index, a=full: np.ascontiguousarray(a[index]))
+        placed[path].block_until_ready()
     cache.clear()
     return _nest(placed)
 
