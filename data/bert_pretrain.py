@@ -20,8 +20,6 @@ import tqdm
 from data import tokenizer as tok
 from data.errors import DataError
 
-# Ids 0..6 are the special pieces; a random replacement is drawn from the ordinary ones only.
-FIRST_ORDINARY_ID = len(tok.SPECIAL_PIECES)
 # Below this, [CLS] A [SEP] B [SEP] leaves too little room for two real spans worth predicting.
 MIN_MAX_LEN = 8
 
@@ -132,12 +130,16 @@ def mask_tokens(
     candidates: np.ndarray,
     rng,
     *,
-    vocab_size: int,
+    mask_id: int,
+    ordinary_ids: np.ndarray,
     mask_prob: float = 0.15,
     max_predictions: int,
     word_starts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(masked ids, chosen positions ascending, original ids there) for one row (appendix A.1)."""
+    """(masked ids, chosen positions ascending, original ids there) for one row (appendix A.1).
+
+    A random replacement is one of ordinary_ids (tokenizer.ordinary_ids(): never a special id).
+    """
     ids = np.asarray(ids)
     (cand_pos,) = np.nonzero(candidates)
     budget = min(max_predictions, max(1, round(mask_prob * len(cand_pos))), len(cand_pos))
@@ -163,9 +165,9 @@ def mask_tokens(
     # are real and must keep a good representation of every token (the [MASK] piece never
     # appears at fine-tuning time).
     draws = rng.random(len(positions))
-    random_ids = rng.integers(FIRST_ORDINARY_ID, vocab_size, size=len(positions))
+    random_ids = ordinary_ids[rng.integers(len(ordinary_ids), size=len(positions))]
     masked = ids.copy()
-    masked[positions] = np.where(draws < 0.8, tok.MASK_ID,
+    masked[positions] = np.where(draws < 0.8, mask_id,
                                  np.where(draws < 0.9, random_ids, originals))
     return masked, positions, originals
 
@@ -176,14 +178,15 @@ def _tokenize_documents(docs: list[str], tokenizer) -> list[list[list[int]]]:
     return [[tokenizer.encode(s) for s in split_sentences(doc)] for doc in progress]
 
 
-def _pair_rows(instances, max_len: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _pair_rows(instances, max_len: int, cls_id: int,
+               sep_id: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """(unmasked rows with NSP labels, masking candidates) of (tokens_a, tokens_b, nsp) pairs."""
     n = len(instances)
-    inputs = np.zeros((n, max_len), np.int32)
+    inputs = np.zeros((n, max_len), np.int32)  # padding: segment id 0 masks it, whatever its id
     len_a = np.array([len(a) for a, _, _ in instances], np.int32)
     len_b = np.array([len(b) for _, b, _ in instances], np.int32)
     for row, (a, b, _) in zip(inputs, instances):
-        row[: len(a) + len(b) + 3] = [tok.CLS_ID, *a, tok.SEP_ID, *b, tok.SEP_ID]
+        row[: len(a) + len(b) + 3] = [cls_id, *a, sep_id, *b, sep_id]
     # Column c is in B (type 1) if it lies past the first [SEP] and up to the second one.
     columns = np.arange(max_len)[None, :]
     first_sep, second_sep = (len_a + 1)[:, None], (len_a + len_b + 2)[:, None]
@@ -230,6 +233,8 @@ def build_pretraining_rows(
 ) -> dict[str, np.ndarray]:
     """Masked-LM and NSP rows of max_len tokens; the same seed gives the same rows."""
     _check_settings(max_len, max_predictions, dupe_factor)
+    cls_id, sep_id, mask_id = tok.required_ids(tokenizer, "cls", "sep", "mask",
+                                               purpose="BERT pretraining")
     docs_sentences = _tokenize_documents(docs, tokenizer)
     rng = np.random.default_rng(seed)
     instances = []
@@ -243,18 +248,19 @@ def build_pretraining_rows(
             "and next sentence prediction needs at least two (B of a NotNext pair comes from "
             "another document); add documents (separate them by blank lines) or more eval text"
         )
-    rows, candidates = _pair_rows(instances, max_len)
+    rows, candidates = _pair_rows(instances, max_len, cls_id, sep_id)
     word_start_table = None
     if whole_word:
-        # "▁" marks a piece that starts a word; looked up once for the whole vocabulary.
-        word_start_table = np.array([tokenizer.id_to_piece(i).startswith("▁")
+        # "▁the", "Ġthe", a WordPiece without "##": looked up once for the whole vocabulary.
+        word_start_table = np.array([tokenizer.is_word_start(i)
                                      for i in range(tokenizer.vocab_size)])
-    _mask_rows(rows, candidates, rng, vocab_size=tokenizer.vocab_size, mask_prob=mask_prob,
-               max_predictions=max_predictions, word_start_table=word_start_table)
+    _mask_rows(rows, candidates, rng, mask_id=mask_id, ordinary_ids=tokenizer.ordinary_ids(),
+               mask_prob=mask_prob, max_predictions=max_predictions,
+               word_start_table=word_start_table)
     return rows
 
 
-def _mask_rows(rows, candidates, rng, *, vocab_size, mask_prob, max_predictions,
+def _mask_rows(rows, candidates, rng, *, mask_id, ordinary_ids, mask_prob, max_predictions,
                word_start_table):
     """Masks rows["inputs"] in place and adds the zero-padded mlm_* arrays."""
     n = len(candidates)
@@ -264,8 +270,8 @@ def _mask_rows(rows, candidates, rng, *, vocab_size, mask_prob, max_predictions,
     for r, ids in enumerate(rows["inputs"]):
         word_starts = None if word_start_table is None else word_start_table[ids]
         masked, pos, originals = mask_tokens(
-            ids, candidates[r], rng, vocab_size=vocab_size, mask_prob=mask_prob,
-            max_predictions=max_predictions, word_starts=word_starts)
+            ids, candidates[r], rng, mask_id=mask_id, ordinary_ids=ordinary_ids,
+            mask_prob=mask_prob, max_predictions=max_predictions, word_starts=word_starts)
         ids[:] = masked
         positions[r, : len(pos)], targets[r, : len(pos)], weights[r, : len(pos)] = pos, originals, 1
     rows.update(mlm_positions=positions, mlm_targets=targets, mlm_weights=weights)

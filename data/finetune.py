@@ -123,12 +123,13 @@ def _truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], 
 
 def _encode(example: Example, tokenizer, max_len: int) -> tuple[list[int], list[int]]:
     """(ids, token types) of [CLS] a [SEP] or [CLS] a [SEP] b [SEP], at most max_len long."""
+    cls, sep = tok.required_ids(tokenizer, "cls", "sep", purpose="BERT classification")
     a = tokenizer.encode(example.text)
     if example.text_pair is None:
         a = a[:max_len - 2]
-        return [tok.CLS_ID, *a, tok.SEP_ID], [0] * (len(a) + 2)
+        return [cls, *a, sep], [0] * (len(a) + 2)
     a, b = _truncate_pair(a, tokenizer.encode(example.text_pair), max_len - 3)
-    ids = [tok.CLS_ID, *a, tok.SEP_ID, *b, tok.SEP_ID]
+    ids = [cls, *a, sep, *b, sep]
     return ids, [0] * (len(a) + 2) + [1] * (len(b) + 1)
 
 
@@ -166,7 +167,7 @@ def classification_rows(
     if not examples:
         raise DataError("no classification examples; check the data files")
     n = len(examples)
-    inputs = np.zeros((n, max_len), np.int32)  # PAD_ID is 0
+    inputs = np.zeros((n, max_len), np.int32)  # padding: segment id 0 masks it, whatever its id
     token_types = np.zeros((n, max_len), np.int32)
     segment_ids = np.zeros((n, max_len), np.int32)
     label_index = None if labels is None else {name: i for i, name in enumerate(labels)}

@@ -22,10 +22,12 @@ from data.errors import DataError
 
 def tokenize_documents(docs, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, doc_ids): every document as [BOS] ids [EOS], concatenated; both int32."""
+    # GPT-2's vocabulary has one <|endoftext|> for both, so documents are separated by two.
+    bos, eos = tok.required_ids(tokenizer, "bos", "eos", purpose="language modelling")
     tokens, doc_ids = [], []
     progress = tqdm.tqdm(docs, desc="tokenizing", unit="doc", disable=not sys.stderr.isatty())
     for i, doc in enumerate(progress):
-        ids = [tok.BOS_ID, *tokenizer.encode(doc), tok.EOS_ID]
+        ids = [bos, *tokenizer.encode(doc), eos]
         tokens.append(np.asarray(ids, np.int32))
         doc_ids.append(np.full(len(ids), i, np.int32))
     if not tokens:

@@ -165,9 +165,11 @@ def _max_context(windows, window: int, position: int) -> bool:
     return best == window
 
 
-def _example_features(index, example, question_ids, context_tokens, max_len, doc_stride):
+def _example_features(index, example, question_ids, context_tokens, max_len, doc_stride,
+                      cls_sep):
     """Rows and meta of one example's windows, as lists of per-feature tuples."""
     ids, spans = context_tokens
+    cls, sep = cls_sep
     max_window = max_len - len(question_ids) - 3  # [CLS], [SEP], [SEP]
     span = _answer_tokens(example.answers[0], spans) if example.answers else None
     windows = _windows(len(ids), max_window, doc_stride)
@@ -178,7 +180,7 @@ def _example_features(index, example, question_ids, context_tokens, max_len, doc
     offset = len(question_ids) + 2
     features = []
     for w, (start, length) in enumerate(windows):
-        row = [tok.CLS_ID, *question_ids, tok.SEP_ID, *ids[start:start + length], tok.SEP_ID]
+        row = [cls, *question_ids, sep, *ids[start:start + length], sep]
         types = [0] * offset + [1] * (length + 1)
         token_to_char = [None] * max_len
         max_context = [False] * max_len
@@ -210,6 +212,7 @@ def squad_features(
         raise DataError(f"max_len={max_len} leaves no room for context after a question of up "
                         f"to max_query_len={max_query_len} tokens; raise max_len or lower "
                         "max_query_len")
+    cls_sep = tok.required_ids(tokenizer, "cls", "sep", purpose="span question answering")
     # Contexts repeat (one per paragraph, many questions each): each is tokenized once, and its
     # (start, end) tuples are shared by all its features' meta, which keeps meta small.
     context_cache = {}
@@ -225,7 +228,8 @@ def squad_features(
             context_cache[example.context] = ids, list(zip(starts, ends))
         question_ids = tokenizer.encode(example.question)[:max_query_len]
         rows.extend(_example_features(index, example, question_ids,
-                                      context_cache[example.context], max_len, doc_stride))
+                                      context_cache[example.context], max_len, doc_stride,
+                                      cls_sep))
     n = len(rows)
     arrays = {name: np.zeros((n, max_len), np.int32)
               for name in ("inputs", "token_types", "segment_ids")}

@@ -1,8 +1,12 @@
 """SentencePiece tokenizers (Kudo & Richardson 2018): train on the run's corpus, load, use.
 
-The special ids are fixed here, once, for every model family. [CLS], [SEP] and [MASK] are
-reserved for BERT (Devlin et al. 2018, section 3) as user-defined symbols, so every tokenizer has
-them at the same ids whether or not the run uses them.
+Every tokenizer object, this module's SentencePiece `Tokenizer` and the Hugging Face folders of
+data/hf_tokenizer.py, carries its own special ids (`BaseTokenizer` lists what the pipelines may
+use), because a published vocabulary puts them anywhere: GPT-2 has only <|endoftext|> (50256),
+BERT's WordPiece has [PAD]=0 and [CLS]=101, Marian has </s>=0 and <pad> last. The constants
+below are only the ids *our* SentencePiece training assigns: [CLS], [SEP] and [MASK] are
+reserved for BERT (Devlin et al. 2018, section 3) as user-defined symbols, so every tokenizer
+trained here has them at the same ids whether or not the run uses them.
 """
 
 import bisect
@@ -12,6 +16,7 @@ import pathlib
 import tempfile
 from typing import Iterable, Iterator
 
+import numpy as np
 import sentencepiece as spm
 
 from data.errors import DataError
@@ -27,6 +32,9 @@ BERT_SYMBOLS = ("[CLS]", "[SEP]", "[MASK]")  # take ids 4, 5, 6 in this order
 SPECIAL_PIECES = ("<pad>", "<unk>", "<s>", "</s>", *BERT_SYMBOLS)  # ids 0..6
 
 MODEL_TYPES = ("bpe", "unigram")
+MODEL_FILE = "tokenizer.model"  # a run folder's SentencePiece tokenizer ...
+HF_DIR = "hf_tokenizer"  # ... or the files of a Hugging Face tokenizer, in this subfolder
+SPECIAL_NAMES = ("pad", "unk", "bos", "eos", "cls", "sep", "mask")  # attributes <name>_id
 
 # SentencePiece silently skips training sentences longer than max_sentence_length (4192 bytes by
 # default), which would drop whole documents such as a Bible chapter stored as one line.
@@ -35,11 +43,99 @@ _MAX_PIECE_CHARS = 1000
 _MAX_TRAINING_SENTENCES = 2_000_000
 
 
-class Tokenizer:
-    """A trained SentencePiece model with the project's special ids."""
+class BaseTokenizer:
+    """What the pipelines may use of a tokenizer; subclasses define the first group.
+
+      vocab_size; encode(text) -> ids, no special tokens added; encode_with_offsets(text) ->
+      (ids, char_starts, char_ends), str offsets, a span never starting with a space;
+      decode(ids) -> text, skipping special ids and ids >= vocab_size (model vocabulary
+      padding); id_to_piece(i); is_word_start(i): the piece begins a word (whole-word
+      masking); save(directory): the files to load it again (see load_run_tokenizer);
+      export_hf(directory, model_family): a Hugging Face tokenizer folder.
+      pad_id, unk_id, bos_id, eos_id, cls_id, sep_id, mask_id: an id, or None when the
+      vocabulary has no such token.
+    Defined here: encode_target, special_ids, ordinary_ids.
+    """
+
+    path = ""
+    pad_id = unk_id = bos_id = eos_id = cls_id = sep_id = mask_id = None
+    _added_special_ids = frozenset()  # special tokens beyond the seven named ones
+
+    def encode_target(self, text: str) -> list[int]:
+        """Ids of a translation target; only Marian has a separate target-side model."""
+        return self.encode(text)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """The named special ids that exist, plus any other special (added) tokens."""
+        named = (getattr(self, f"{name}_id") for name in SPECIAL_NAMES)
+        return frozenset(i for i in named if i is not None) | self._added_special_ids
+
+    def ordinary_ids(self) -> np.ndarray:
+        """int32 ids that are not special: BERT's random replacements are drawn from these."""
+        ids = np.arange(self.vocab_size, dtype=np.int32)
+        return ids[~np.isin(ids, list(self.special_ids))]
+
+    def _kept(self, ids) -> list[int]:
+        """ids without special ones and without ids outside the vocabulary, as ints."""
+        special, vocab_size = self.special_ids, self.vocab_size
+        return [i for i in map(int, ids) if 0 <= i < vocab_size and i not in special]
+
+
+def required_ids(tokenizer, *names: str, purpose: str) -> tuple[int, ...]:
+    """tokenizer.<name>_id for each name; a DataError when the vocabulary lacks one."""
+    ids = tuple(getattr(tokenizer, f"{name}_id", None) for name in names)
+    missing = [name for name, i in zip(names, ids) if i is None]
+    if missing:
+        raise DataError(
+            f"the tokenizer in {getattr(tokenizer, 'path', '?')} has no {'/'.join(missing)} "
+            f"token, which {purpose} needs; use a vocabulary that has one (a Hugging Face "
+            f"folder names it in tokenizer_config.json, e.g. \"{missing[0]}_token\")"
+        )
+    return ids
+
+
+def sentencepiece_spans(sp, text: str) -> list[tuple[str, int, int, int]]:
+    """(piece, id, char_start, char_end) of each piece of sp.encode(text), spans as in
+    BaseTokenizer.encode_with_offsets."""
+    # sentencepiece reports UTF-8 *byte* offsets; span-QA needs str indices. starts[c] is
+    # the byte offset where character c begins, with the total byte length appended, so a
+    # byte offset b on a character boundary is character bisect_left(starts, b).
+    starts = [0]
+    for char in text:
+        starts.append(starts[-1] + len(char.encode("utf-8")))
+    spans = []
+    for piece in sp.encode(text, out_type="proto").pieces:
+        if sp.is_byte(piece.id):
+            # A character outside the vocabulary becomes one piece per UTF-8 byte. Each of them
+            # gets the whole character, so an answer that contains the character covers every
+            # one of its byte pieces.
+            begin = bisect.bisect_right(starts, piece.begin) - 1
+            end = begin + 1
+        else:
+            begin = bisect.bisect_left(starts, piece.begin)
+            end = bisect.bisect_left(starts, piece.end)
+            # The "▁" of a word-initial piece stands for the space before the word (or, with
+            # Marian's nmt_nfkc normalization, a tab or line break); the span starts at the
+            # word so an answer span never starts with a space. A lone "▁" (before a word
+            # with no "▁"-piece for its start, or the dummy prefix at the very start, which
+            # covers no input at all) is left with an empty span.
+            if piece.piece.startswith("▁"):
+                while begin < end and text[begin].isspace():
+                    begin += 1
+        spans.append((piece.piece, piece.id, begin, end))
+    return spans
+
+
+class Tokenizer(BaseTokenizer):
+    """A SentencePiece model trained by this codebase, with the ids of the constants above."""
+
+    pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+    cls_id, sep_id, mask_id = CLS_ID, SEP_ID, MASK_ID
 
     def __init__(self, path: str, model_proto: bytes):
         self.path = str(path)
+        self._proto = model_proto
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except RuntimeError:
@@ -66,45 +162,32 @@ class Tokenizer:
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int], list[int]]:
         """(ids, char_starts, char_ends): piece i covers text[char_starts[i]:char_ends[i]]."""
-        # sentencepiece reports UTF-8 *byte* offsets; span-QA needs str indices. starts[c] is
-        # the byte offset where character c begins, with the total byte length appended, so a
-        # byte offset b on a character boundary is character bisect_left(starts, b).
-        starts = [0]
-        for char in text:
-            starts.append(starts[-1] + len(char.encode("utf-8")))
-        ids, char_starts, char_ends = [], [], []
-        for piece in self._sp.encode(text, out_type="proto").pieces:
-            if self._sp.is_byte(piece.id):
-                # A character outside the vocabulary becomes one piece per UTF-8 byte. The
-                # leading bytes get an empty span at the character's first byte and the last
-                # byte the whole character; all of them get the character, so an answer that
-                # contains the character covers every one of its byte pieces.
-                begin = bisect.bisect_right(starts, piece.begin) - 1
-                end = begin + 1
-            else:
-                begin = bisect.bisect_left(starts, piece.begin)
-                end = bisect.bisect_left(starts, piece.end)
-                # The "▁" of a word-initial piece stands for the space before the word; the span
-                # starts at the word so an answer span never starts with a space. A lone "▁"
-                # (before a word with no "▁"-piece for its start, or the dummy prefix at the
-                # very start, which covers no input at all) is left with an empty span.
-                while begin < end and text[begin] == " ":
-                    begin += 1
-            ids.append(piece.id)
-            char_starts.append(begin)
-            char_ends.append(end)
-        return ids, char_starts, char_ends
+        spans = sentencepiece_spans(self._sp, text)
+        return [s[1] for s in spans], [s[2] for s in spans], [s[3] for s in spans]
 
     def decode(self, ids) -> str:
-        """Text of ids, skipping pad, bos, eos and ids outside the vocabulary (model padding)."""
-        vocab_size = self.vocab_size
-        ids = [int(i) for i in ids]
-        kept = [i for i in ids if 0 <= i < vocab_size and i not in (PAD_ID, BOS_ID, EOS_ID)]
-        return self._sp.decode(kept)
+        """Text of ids, skipping special ids and ids outside the vocabulary (model padding)."""
+        return self._sp.decode(self._kept(ids))
 
     def id_to_piece(self, i: int) -> str:
         """The piece string of one id, e.g. '▁the' or '<0x0A>'."""
         return self._sp.id_to_piece(int(i))
+
+    def is_word_start(self, i: int) -> bool:
+        """Whether the piece begins a word: "▁" marks the space before it."""
+        return self._sp.id_to_piece(int(i)).startswith("▁")
+
+    def save(self, directory: str) -> None:
+        """Writes directory/tokenizer.model (atomically)."""
+        _write_atomic(os.path.join(directory, MODEL_FILE), self._proto)
+
+    def export_hf(self, directory: str, model_family: str) -> None:
+        """Writes a Hugging Face tokenizer of this model into directory (tokenizer.json and
+        its configs; Marian's spm files and vocab.json for model_family "transformer")."""
+        from data import hf_export
+
+        special = {name: getattr(self, f"{name}_id") for name in SPECIAL_NAMES}
+        hf_export.export_sentencepiece(self._proto, special, directory, model_family)
 
 
 def _training_sentences(texts: Iterable[str]) -> Iterator[str]:
@@ -166,18 +249,23 @@ def train_tokenizer(
             f"{e}; byte fallback alone needs 256 + 7 special ids + the corpus's characters, so "
             "raise --config.data.vocab_size"
         ) from e
+    _write_atomic(path, model.getvalue())
+    return Tokenizer(str(path), model.getvalue())
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Writes data to path through a temporary file next to it, so a crash never leaves a
+    half-written file."""
     target = pathlib.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Written next to the target and renamed, so a crash never leaves a half-written model.
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(model.getvalue())
+            f.write(data)
         os.replace(tmp, target)
     except BaseException:
         os.unlink(tmp)
         raise
-    return Tokenizer(str(target), model.getvalue())
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -190,3 +278,22 @@ def load_tokenizer(path: str) -> Tokenizer:
             "tokenizer.model into the workdir) or point to the workdir that has it"
         ) from None
     return Tokenizer(str(path), model_proto)
+
+
+def load_hf_tokenizer(directory: str):
+    """The tokenizer of a Hugging Face model folder (data/hf_tokenizer.py)."""
+    from data import hf_tokenizer
+
+    return hf_tokenizer.load_hf_tokenizer(directory)
+
+
+def load_run_tokenizer(workdir: str):
+    """The tokenizer a run folder holds: its tokenizer.model, else its hf_tokenizer/ folder."""
+    if os.path.exists(os.path.join(workdir, MODEL_FILE)):
+        return load_tokenizer(os.path.join(workdir, MODEL_FILE))
+    if os.path.isdir(os.path.join(workdir, HF_DIR)):
+        return load_hf_tokenizer(os.path.join(workdir, HF_DIR))
+    raise DataError(
+        f"{workdir} holds no tokenizer (neither {MODEL_FILE} nor {HF_DIR}/); train the run "
+        "first (it writes one), or point to the run folder that has it"
+    )

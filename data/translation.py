@@ -132,18 +132,21 @@ def _symbol(i: int) -> str:
 
 def encode_pairs(pairs, tokenizer, *,
                  max_len: int) -> tuple[list[list[int]], list[list[int]], int]:
-    """(source ids, target ids, dropped): pairs with a side over max_len - 1 tokens are dropped."""
+    """(source ids + [EOS], [BOS] + target ids + [EOS], dropped), with the tokenizer's special
+    ids; pairs with a side over max_len - 1 tokens are dropped."""
     if max_len < 2:
         raise DataError(f"max_len must be at least 2 (a token and EOS), got {max_len}")
+    # Marian starts the decoder with <pad> (its bos_id) and ends both sides with </s> = 0.
+    bos, eos = tok.required_ids(tokenizer, "bos", "eos", purpose="translation")
     source_ids, target_ids, dropped = [], [], 0
     for source, target in pairs:
-        src, tgt = tokenizer.encode(source), tokenizer.encode(target)
+        src, tgt = tokenizer.encode(source), tokenizer.encode_target(target)
         # One slot per side is kept for EOS (source) or BOS / EOS (decoder input / target).
         if len(src) > max_len - 1 or len(tgt) > max_len - 1:
             dropped += 1
             continue
-        source_ids.append(src)
-        target_ids.append(tgt)
+        source_ids.append([*src, eos])
+        target_ids.append([bos, *tgt, eos])
     return source_ids, target_ids, dropped
 
 
@@ -151,10 +154,10 @@ def _assign_rows(src_ids, tgt_ids, max_len: int, pack: bool) -> list[list[int]]:
     """Pair indices of each row: consecutive pairs while both sides still fit (or one per row)."""
     rows, src_used, tgt_used = [], max_len, max_len  # "full", so the first pair opens a row
     for i, (src, tgt) in enumerate(zip(src_ids, tgt_ids)):
-        src_len, tgt_len = len(src) + 1, len(tgt) + 1  # + EOS; + BOS on the decoder input
+        src_len, tgt_len = len(src), len(tgt) - 1  # the decoder reads all of tgt but EOS
         if src_len > max_len or tgt_len > max_len:
             raise DataError(
-                f"pair {i} has {len(src)} source / {len(tgt)} target tokens, more than "
+                f"pair {i} has {src_len - 1} source / {tgt_len - 1} target tokens, more than "
                 f"max_len - 1 = {max_len - 1}; filter with encode_pairs(..., max_len={max_len})"
             )
         if pack and src_used + src_len <= max_len and tgt_used + tgt_len <= max_len:
@@ -167,7 +170,11 @@ def _assign_rows(src_ids, tgt_ids, max_len: int, pack: bool) -> list[list[int]]:
 
 
 def make_rows(src_ids, tgt_ids, *, max_len: int, pack: bool = True) -> dict[str, np.ndarray]:
-    """Fixed-shape encoder / decoder rows for data.lm.make_iterator, packed or one pair per row."""
+    """Fixed-shape encoder / decoder rows for data.lm.make_iterator, packed or one pair per row.
+
+    src_ids and tgt_ids are encode_pairs': x1 .. xn [EOS] and [BOS] y1 .. ym [EOS]. Padding
+    columns hold 0, whatever that id is: segment id 0 and weight 0 mask them everywhere.
+    """
     if len(src_ids) != len(tgt_ids):
         raise DataError(f"{len(src_ids)} source but {len(tgt_ids)} target sequences")
     if not src_ids:
@@ -184,16 +191,16 @@ def make_rows(src_ids, tgt_ids, *, max_len: int, pack: bool = True) -> dict[str,
         # self-attention, the decoder's self-attention and the cross-attention can all be
         # masked to "same segment": a pair never sees another pair packed into its row.
         for segment, i in enumerate(pair_indices, start=1):
-            src = [*src_ids[i], tok.EOS_ID]
+            src, tgt = src_ids[i], tgt_ids[i]
             n = len(src)
             rows["inputs"][r, s:s + n] = src
             rows["input_segment_ids"][r, s:s + n] = segment
             rows["input_positions"][r, s:s + n] = np.arange(n)  # restart: each pair from 0
             s += n
             # Teacher forcing: the decoder reads [BOS] y1 .. ym and predicts y1 .. ym [EOS].
-            m = len(tgt_ids[i]) + 1
-            rows["decoder_inputs"][r, t:t + m] = [tok.BOS_ID, *tgt_ids[i]]
-            rows["targets"][r, t:t + m] = [*tgt_ids[i], tok.EOS_ID]
+            m = len(tgt) - 1
+            rows["decoder_inputs"][r, t:t + m] = tgt[:-1]
+            rows["targets"][r, t:t + m] = tgt[1:]
             rows["target_segment_ids"][r, t:t + m] = segment
             rows["target_positions"][r, t:t + m] = np.arange(m)
             rows["weights"][r, t:t + m] = 1.0  # EOS is predicted too: it ends the decode

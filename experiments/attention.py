@@ -23,7 +23,6 @@ from absl import flags, logging
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from data import tokenizer as tok  # noqa: E402
 from data.errors import DataError  # noqa: E402
 from models import layers  # noqa: E402
 from train import checkpoint, cli, tasks  # noqa: E402
@@ -45,20 +44,21 @@ def attention_weights(config, params, task, tokenizer, text):
     ids = tokenizer.encode(text)
     if family == "transformer":
         target = seq2seq.translate(params, [text], tokenizer, config)[0]
-        src = jnp.asarray([ids[:config.data.max_len - 1] + [tok.EOS_ID]])
-        tgt_ids = tokenizer.encode(target)[:config.data.max_len - 1]
-        tgt_in = jnp.asarray([[tok.BOS_ID] + tgt_ids])
+        src = jnp.asarray([ids[:config.data.max_len - 1] + [tokenizer.eos_id]])
+        tgt_ids = tokenizer.encode_target(target)[:config.data.max_len - 1]
+        tgt_in = jnp.asarray([[tokenizer.bos_id] + tgt_ids])
         _, state = model.apply({"params": params}, src, tgt_in, mutable=["intermediates"])
         tree = state["intermediates"]["decoder"]
         maps = {name: np.asarray(block["cross_attn"]["attention_weights"][0][0])
                 for name, block in tree.items() if "cross_attn" in block}
-        rows = [tokenizer.id_to_piece(i) for i in tgt_ids] + ["</s>"]
+        rows = [tokenizer.id_to_piece(i) for i in tgt_ids + [tokenizer.eos_id]]
         return rows, [tokenizer.id_to_piece(i) for i in src[0]], maps, "encoder-decoder"
     if family == "bert":
-        row = jnp.asarray([[tok.CLS_ID, *ids[:config.data.max_len - 2], tok.SEP_ID]])
+        row = jnp.asarray([[tokenizer.cls_id, *ids[:config.data.max_len - 2],
+                            tokenizer.sep_id]])
         _, state = model.apply({"params": params}, row, mutable=["intermediates"])
     else:
-        row = jnp.asarray([[tok.BOS_ID, *ids[:config.model.max_len - 1]]])
+        row = jnp.asarray([[tokenizer.bos_id, *ids[:config.model.max_len - 1]]])
         _, state = model.apply({"params": params}, row, mutable=["intermediates"])
     maps = {name: np.asarray(block["attn"]["attention_weights"][0][0])
             for name, block in state["intermediates"].items()

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from data import tokenizer as tok
 from data.errors import DataError
 from train import checkpoint, cli, tasks
 
@@ -42,7 +41,7 @@ def embed(config, params, tokenizer, text: str):
     room = config.data.max_len - 2
     ids, spans = ids[:room], list(zip(starts, ends))[:room]
     model = tasks.get(config.task).build_model(config)
-    row = jnp.asarray([[tok.CLS_ID, *ids, tok.SEP_ID]], jnp.int32)
+    row = jnp.asarray([[tokenizer.cls_id, *ids, tokenizer.sep_id]], jnp.int32)
     out = model.apply({"params": params}, row)
     return (ids, [tokenizer.id_to_piece(i) for i in ids], spans,
             np.asarray(out["sequence_BLD"][0, 1:-1]), np.asarray(out["pooled_BD"][0]))

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from absl import flags, logging
 
-from data import tokenizer as tok
 from data.errors import DataError
 from models import gpt
 from train import checkpoint, cli, tasks
@@ -46,7 +45,7 @@ def encode_prompt(prompt: str, tokenizer, max_len: int) -> list[int]:
     except UnicodeEncodeError as e:
         raise DataError(f"--prompt holds bytes that are not valid UTF-8 (at character "
                         f"{e.start}); pass the prompt as UTF-8 text") from None
-    ids = [tok.BOS_ID] + tokenizer.encode(prompt)
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
     if len(ids) >= max_len:
         raise DataError(f"the prompt is {len(ids)} tokens (with BOS) but the model's context is "
                         f"{max_len}; shorten the prompt to leave room for new tokens")
@@ -61,15 +60,15 @@ def next_token_table(model, params, ids, tokenizer, n):
     return [(tokenizer.id_to_piece(int(i)), float(p)) for p, i in zip(top_p, top_i)]
 
 
-def generate(config, params, ids, *, num_samples, max_new_tokens, temperature, top_k, top_p,
-             seed):
+def generate(config, params, ids, *, eos_id, num_samples, max_new_tokens, temperature, top_k,
+             top_p, seed):
     """num_samples continuations of the prompt ids, each cut at EOS."""
     run = jax.jit(functools.partial(
         gpt.generate, lm.build_model(config, decode=True), max_new_tokens=max_new_tokens,
-        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tok.EOS_ID))
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id))
     prompt = jnp.asarray([ids] * num_samples, jnp.int32)
     out = jax.device_get(run(params, prompt, jax.random.key(seed)))
-    return [row[:row.index(tok.EOS_ID)] if tok.EOS_ID in row else row for row in out.tolist()]
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in out.tolist()]
 
 
 def main(argv):
@@ -92,7 +91,8 @@ def main(argv):
         for rank, (piece, p) in enumerate(next_token_table(
                 lm.build_model(config), params, ids, tokenizer, FLAGS.show_probs), 1):
             print(f"  {rank:3d}  {piece!r:<20} {p:.3f}")
-    samples = generate(config, params, ids, num_samples=FLAGS.num_samples,
+    samples = generate(config, params, ids, eos_id=tokenizer.eos_id,
+                       num_samples=FLAGS.num_samples,
                        max_new_tokens=min(FLAGS.max_new_tokens, room),
                        temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                        seed=FLAGS.seed)

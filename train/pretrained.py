@@ -429,6 +429,8 @@ def import_run(directory: str, workdir: str, config) -> dict:
         tokenizer.save(tmp)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json(indent=2))
+        # No steps yet: experiments.compare lists the run, training appends to it.
+        open(os.path.join(tmp, "metrics.jsonl"), "w", encoding="utf-8").close()
         _commit(tmp, workdir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

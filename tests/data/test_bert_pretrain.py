@@ -139,10 +139,19 @@ def test_truncate_pair():
     assert len(a) == 8 and b == [100, 101]  # only the longer side was trimmed
 
 
+FIRST_ORDINARY_ID = len(tok.SPECIAL_PIECES)  # our SentencePiece ids: 0..6 are special
+
+
+def ordinary(vocab_size):
+    """mask_tokens' keywords for our SentencePiece ids and a vocabulary of vocab_size."""
+    return dict(mask_id=tok.MASK_ID,
+                ordinary_ids=np.arange(FIRST_ORDINARY_ID, vocab_size, dtype=np.int32))
+
+
 def synthetic_rows(n_rows=2000, max_len=128, vocab_size=8000, seed=0):
     """[CLS] A [SEP] B [SEP] PAD... rows of ordinary ids with their masking candidates."""
     rng = np.random.default_rng(seed)
-    ids = rng.integers(bp.FIRST_ORDINARY_ID, vocab_size, size=(n_rows, max_len)).astype(np.int32)
+    ids = rng.integers(FIRST_ORDINARY_ID, vocab_size, size=(n_rows, max_len)).astype(np.int32)
     real = rng.integers(max_len // 2, max_len + 1, size=n_rows)
     first_sep = rng.integers(2, real - 2)
     columns = np.arange(max_len)
@@ -162,7 +171,7 @@ def test_masking_statistics():
     chosen_total = 0
     for row, cand in zip(ids, candidates):
         masked, positions, originals = bp.mask_tokens(
-            row, cand, rng, vocab_size=vocab_size, max_predictions=max_predictions)
+            row, cand, rng, **ordinary(vocab_size), max_predictions=max_predictions)
         n_cand = cand.sum()
         assert len(positions) == min(max_predictions, max(1, round(0.15 * n_cand)))
         assert (np.diff(positions) > 0).all() and cand[positions].all()
@@ -173,7 +182,7 @@ def test_masking_statistics():
         new = masked[positions]
         is_mask = new == tok.MASK_ID
         is_random = ~is_mask & (new != originals)
-        assert ((new[is_random] >= bp.FIRST_ORDINARY_ID) & (new[is_random] < vocab_size)).all()
+        assert ((new[is_random] >= FIRST_ORDINARY_ID) & (new[is_random] < vocab_size)).all()
         kinds += [is_mask.sum(), is_random.sum(), (new == originals).sum()]
         chosen_total += len(positions)
     assert abs(chosen_total / candidates.sum() - 0.15) < 0.005
@@ -187,26 +196,26 @@ def test_random_replacements_are_uniform_ordinary_ids():
     rng = np.random.default_rng(4)
     replaced = []
     for row, cand in zip(ids, candidates):
-        masked, positions, originals = bp.mask_tokens(row, cand, rng, vocab_size=vocab_size,
+        masked, positions, originals = bp.mask_tokens(row, cand, rng, **ordinary(vocab_size),
                                                       max_predictions=20)
         new = masked[positions]
         replaced += new[(new != tok.MASK_ID) & (new != originals)].tolist()
     counts = np.bincount(replaced, minlength=vocab_size)
-    assert not counts[:bp.FIRST_ORDINARY_ID].any()
+    assert not counts[:FIRST_ORDINARY_ID].any()
     # ~1,600 replacements over 13 ids (minus the 1/13 that hit the original id).
-    ordinary = counts[bp.FIRST_ORDINARY_ID:]
-    assert ordinary.min() > 0.7 * ordinary.mean() and ordinary.max() < 1.3 * ordinary.mean()
+    drawn = counts[FIRST_ORDINARY_ID:]
+    assert drawn.min() > 0.7 * drawn.mean() and drawn.max() < 1.3 * drawn.mean()
 
 
 def test_masking_caps_at_max_predictions():
     ids, candidates = synthetic_rows(n_rows=50)
     rng = np.random.default_rng(2)
     for row, cand in zip(ids, candidates):
-        _, positions, _ = bp.mask_tokens(row, cand, rng, vocab_size=8000, max_predictions=3)
+        _, positions, _ = bp.mask_tokens(row, cand, rng, **ordinary(8000), max_predictions=3)
         assert len(positions) == 3
     # A row with few candidates still gets one prediction.
     row = np.array([tok.CLS_ID, 9, tok.SEP_ID, 10, tok.SEP_ID, 0, 0], np.int32)
-    _, positions, _ = bp.mask_tokens(row, row > tok.MASK_ID, rng, vocab_size=100,
+    _, positions, _ = bp.mask_tokens(row, row > tok.MASK_ID, rng, **ordinary(100),
                                      max_predictions=5)
     assert len(positions) == 1 and positions[0] in (1, 3)
 
@@ -228,7 +237,7 @@ def test_whole_word_masking_masks_whole_words():
     partial_budget = 0
     for row, cand in zip(ids, candidates):
         word_starts = rng.random(len(row)) < 0.4  # words of 2.5 pieces on average
-        _, positions, _ = bp.mask_tokens(row, cand, rng, vocab_size=8000, max_predictions=20,
+        _, positions, _ = bp.mask_tokens(row, cand, rng, **ordinary(8000), max_predictions=20,
                                          word_starts=word_starts)
         budget = min(20, max(1, round(0.15 * cand.sum())))
         chosen = set(positions.tolist())
@@ -242,7 +251,7 @@ def test_whole_word_masking_masks_whole_words():
     row = np.arange(7, 29, dtype=np.int32)
     cand = np.ones(22, bool)
     cand[[0, 21]] = False
-    _, positions, _ = bp.mask_tokens(row, cand, rng, vocab_size=100, max_predictions=10,
+    _, positions, _ = bp.mask_tokens(row, cand, rng, **ordinary(100), max_predictions=10,
                                      word_starts=np.arange(22) % 4 == 1)
     assert len(positions) == 0
 

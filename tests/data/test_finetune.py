@@ -19,6 +19,8 @@ Example = finetune.Example
 class WordTokenizer:
     """Each space-separated word "k" (an integer) is the id 10 + k: lengths are known by hand."""
 
+    cls_id, sep_id = tok.CLS_ID, tok.SEP_ID
+
     def encode(self, text):
         return [10 + int(word) for word in text.split()]
 
@@ -116,8 +118,8 @@ def test_rows_layout_single_and_pair(trained):
     assert {k: v.dtype for k, v in rows.items()} == {
         "inputs": np.int32, "token_types": np.int32, "segment_ids": np.int32,
         "labels": np.int32, "example_weights": np.float32}
-    # Each text starts with SentencePiece's dummy-prefix space, hence "[CLS] the".
-    assert trained.decode(rows["inputs"][1]) == f"[CLS] {a}[SEP] {b}[SEP]"
+    # decode drops [CLS] and [SEP]; b keeps SentencePiece's dummy-prefix space.
+    assert trained.decode(rows["inputs"][1]) == f"{a} {b}"
 
 
 def words(first, count):

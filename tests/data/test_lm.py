@@ -14,6 +14,8 @@ from data.errors import DataError
 class CharTokenizer:
     """One id per character (ord - 90), enough to test tokenize_documents without sentencepiece."""
 
+    bos_id, eos_id = tok.BOS_ID, tok.EOS_ID
+
     def encode(self, text):
         return [ord(c) - 90 for c in text]
 

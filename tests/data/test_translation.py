@@ -55,8 +55,18 @@ def joint_tokenizer(tmp_path_factory):
 class WordTokenizer:
     """One id per whitespace word, so token counts are known by construction."""
 
+    bos_id, eos_id = tok.BOS_ID, tok.EOS_ID
+
     def encode(self, text):
         return [10 + len(word) for word in text.split()]
+
+    encode_target = encode
+
+
+def framed(src_ids, tgt_ids):
+    """encode_pairs' framing: source ids + [EOS], [BOS] + target ids + [EOS]."""
+    return ([[*s, tok.EOS_ID] for s in src_ids],
+            [[tok.BOS_ID, *t, tok.EOS_ID] for t in tgt_ids])
 
 
 def test_read_parallel_tsv(tmp_path):
@@ -159,8 +169,7 @@ def test_encode_pairs_length_filtering():
              ("a", "x y")]
     src, tgt, dropped = translation.encode_pairs(pairs, WordTokenizer(), max_len=4)
     assert dropped == 3
-    assert src == [[11, 11, 11], [11]]
-    assert tgt == [[11, 11, 11], [11, 11]]
+    assert (src, tgt) == framed([[11, 11, 11], [11]], [[11, 11, 11], [11, 11]])
 
 
 def test_encode_pairs_boundary_with_trained_tokenizer(joint_tokenizer):
@@ -206,7 +215,7 @@ def _random_ids(n, max_len, seed=0):
 
 def test_make_rows_packing_invariants():
     src_ids, tgt_ids = _random_ids(300, max_len=16)
-    rows = translation.make_rows(src_ids, tgt_ids, max_len=16)
+    rows = translation.make_rows(*framed(src_ids, tgt_ids), max_len=16)
     expected_dtypes = {"weights": np.float32}
     for name in ["inputs", "input_segment_ids", "input_positions", "decoder_inputs",
                  "targets", "target_segment_ids", "target_positions", "weights"]:
@@ -224,7 +233,7 @@ def test_make_rows_hand_packed_layout():
     # pair 3 would need (9, 9). Row 2 holds pair 3 alone.
     src_ids = [[10, 11], [12], [13, 14, 15], [16, 17, 18, 19]]
     tgt_ids = [[20], [21, 22], [23, 24], [25, 26, 27, 28, 29]]
-    rows = translation.make_rows(src_ids, tgt_ids, max_len=6)
+    rows = translation.make_rows(*framed(src_ids, tgt_ids), max_len=6)
     assert rows["inputs"].tolist() == [[10, 11, 3, 12, 3, 0], [13, 14, 15, 3, 0, 0],
                                        [16, 17, 18, 19, 3, 0]]
     assert rows["input_segment_ids"][0].tolist() == [1, 1, 1, 2, 2, 0]
@@ -239,7 +248,7 @@ def test_make_rows_hand_packed_layout():
 
 def test_make_rows_one_pair_per_row():
     src_ids, tgt_ids = _random_ids(50, max_len=8, seed=1)
-    rows = translation.make_rows(src_ids, tgt_ids, max_len=8, pack=False)
+    rows = translation.make_rows(*framed(src_ids, tgt_ids), max_len=8, pack=False)
     assert len(rows["inputs"]) == 50
     assert rows["input_segment_ids"].max() == 1 and rows["target_segment_ids"].max() == 1
     assert _unpack(rows) == list(zip(src_ids, tgt_ids))
@@ -249,7 +258,7 @@ def test_make_rows_errors():
     with pytest.raises(DataError, match="no sentence pairs"):
         translation.make_rows([], [], max_len=8)
     with pytest.raises(DataError, match=r"pair 1 has 4 source .*encode_pairs"):
-        translation.make_rows([[7], [7, 8, 9, 10]], [[7], [7]], max_len=4)
+        translation.make_rows(*framed([[7], [7, 8, 9, 10]], [[7], [7]]), max_len=4)
 
 
 def test_tokenized_pairs_round_trip(joint_tokenizer):

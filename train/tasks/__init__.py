@@ -117,8 +117,6 @@ def load_run(workdir: str, families=None, average=None):
     `families` (e.g. ("bert",)) refuses runs of another model family with a clear error;
     `average` is loop.restore_params's (default: the run's config.average_checkpoints).
     """
-    import os
-
     from data import tokenizer as tok
     from data.errors import DataError
     from train import loop
@@ -129,7 +127,7 @@ def load_run(workdir: str, families=None, average=None):
     if families and family not in families:
         raise DataError(f"{workdir} holds a {family} run; this tool needs a "
                         f"{' or '.join(families)} run folder")
-    tokenizer = tok.load_tokenizer(os.path.join(workdir, "tokenizer.model"))
+    tokenizer = tok.load_run_tokenizer(workdir)
     task = get(config.task)
     params, _ = loop.restore_params(config, workdir, task, average=average)
     return config, tokenizer, params, task

@@ -34,7 +34,9 @@ def read_examples(config):
 def prepare_data(config, workdir) -> dict:
     """Tokenized train/eval rows, the label names and the majority-class baseline."""
     mlm_nsp.check_lengths(config)
-    if config.init_from:  # checks the pretraining run before anything is read or written
+    if config.init_from.startswith("hf:"):
+        pass  # hf: checkpoint; its tokenizer is copied by lm.load_or_train_tokenizer below
+    elif config.init_from:  # checks the pretraining run before anything is read or written
         mlm_nsp.copy_tokenizer(config, workdir)
     train_ex, eval_ex = read_examples(config)
     tokenizer = lm.load_or_train_tokenizer(

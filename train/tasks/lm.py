@@ -28,8 +28,21 @@ def flops_per_token(config) -> float:
 
 
 def load_or_train_tokenizer(config, workdir, train_docs):
-    """The run's tokenizer: reused from the workdir, or trained on the training documents."""
-    path = os.path.join(workdir, "tokenizer.model")
+    """The run's tokenizer: reused from the workdir, copied from the Hugging Face folder of
+    init_from=hf:DIR, or trained on the training documents."""
+    path = os.path.join(workdir, tok.MODEL_FILE)
+    hf_path = os.path.join(workdir, tok.HF_DIR)
+    init_from = config.get("init_from", "") or ""
+    if init_from.startswith("hf:"):
+        if os.path.exists(path):
+            raise DataError(f"{workdir} already holds a tokenizer.model of its own, but "
+                            f"init_from={init_from} brings that model's tokenizer; use a new "
+                            "workdir")
+        # Copied once into workdir/hf_tokenizer/ (atomically), so the run folder keeps it.
+        multihost.write_once(hf_path, lambda: tok.load_hf_tokenizer(
+            init_from[len("hf:"):]).save(workdir))
+    if os.path.isdir(hf_path):
+        return tok.load_hf_tokenizer(hf_path)
     # Trained by process 0 alone: the others would write the same file at the same time.
     multihost.write_once(path, lambda: tok.train_tokenizer(
         train_docs, path, config.model.vocab_size, config.data.tokenizer_type))

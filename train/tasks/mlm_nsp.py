@@ -7,7 +7,6 @@ sum of the two means. Also here: restoring a pretrained encoder for fine-tuning
 (`load_pretrained`), used by the classification and span-QA tasks.
 """
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ import numpy as np
 import optax
 
 from data import bert_pretrain, sources
+from data import tokenizer as tok
 from data import lm as lm_data
 from data.errors import DataError
 from models import bert
@@ -205,12 +205,16 @@ def copy_tokenizer(config, workdir):
     is refused before anything is written.
     """
     check_pretrained(config)
-    source = os.path.join(config.init_from, "tokenizer.model")
-    target = os.path.join(workdir, "tokenizer.model")
-    if not os.path.exists(target) and not os.path.exists(source):
-        raise DataError(f"{config.init_from} has no tokenizer.model; pretrain into it first")
+    # Whichever kind the pretraining run holds: its tokenizer.model, or the hf_tokenizer/
+    # folder of a run imported from Hugging Face.
+    source = config.init_from
+    name = tok.MODEL_FILE if os.path.exists(os.path.join(source, tok.MODEL_FILE)) else tok.HF_DIR
+    target = os.path.join(workdir, name)
+    if not os.path.exists(target) and not os.path.exists(os.path.join(source, name)):
+        raise DataError(f"{source} has no tokenizer ({tok.MODEL_FILE} or {tok.HF_DIR}/); "
+                        "pretrain into it first")
     os.makedirs(workdir, exist_ok=True)
-    multihost.write_once(target, lambda: shutil.copyfile(source, target))
+    multihost.write_once(target, lambda: tok.load_run_tokenizer(source).save(workdir))
 
 
 def load_pretrained(config, shardings) -> dict:

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from data import sources, translation
-from data import tokenizer as tok
 from data.errors import DataError
 from models import transformer as tf
 from train import losses
@@ -104,34 +103,39 @@ def translate(params, sentences, tokenizer, config, *, beam_size=None, alpha=Non
               translate_fn=None):
     """Detokenised translations of `sentences`, in batches of eval_batch_size."""
     d, size = config.data, config.eval_batch_size
-    translate_fn = translate_fn or make_translate_fn(config, beam_size, alpha)
+    translate_fn = translate_fn or make_translate_fn(config, beam_size, alpha,
+                                                     tokenizer=tokenizer)
+    eos = tokenizer.eos_id
+    # The model tells source padding by its id (config.model.pad_id, the tokenizer's pad id);
+    # a vocabulary without a pad token (GPT-2's) pads with EOS.
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else eos
     outputs = []
     for i in range(0, len(sentences), size):
         chunk = sentences[i:i + size]
-        rows = np.zeros((size, d.max_len), np.int32)  # a static shape: one compilation
+        rows = np.full((size, d.max_len), pad, np.int32)  # a static shape: one compilation
         for r, sentence in enumerate(chunk):
-            ids = tokenizer.encode(sentence)[:d.max_len - 1] + [tok.EOS_ID]
+            ids = tokenizer.encode(sentence)[:d.max_len - 1] + [eos]
             rows[r, :len(ids)] = ids
         tokens, _ = jax.device_get(translate_fn(params, rows))
         for row in tokens[:len(chunk), 0].tolist():
-            outputs.append(tokenizer.decode(row[:row.index(tok.EOS_ID)] if tok.EOS_ID in row
-                                            else row))
+            outputs.append(tokenizer.decode(row[:row.index(eos)] if eos in row else row))
     return outputs
 
 
-def make_translate_fn(config, beam_size=None, alpha=None):
-    """Jitted (params, source ids B,S) -> beam search output, settings bound."""
+def make_translate_fn(config, beam_size=None, alpha=None, *, tokenizer):
+    """Jitted (params, source ids B,S) -> beam search output, settings and the tokenizer's
+    bos / eos ids bound."""
     return jax.jit(functools.partial(
         tf.translate_ids, build_model(config, decode=True),
         beam_size=beam_size or config.decode.beam_size,
         alpha=config.decode.alpha if alpha is None else alpha,
-        bos_id=tok.BOS_ID, eos_id=tok.EOS_ID))
+        bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id))
 
 
 def score_translations(params, pairs, data, config) -> dict:
     """BLEU (sacrebleu, detokenised) and exact match of beam-search translations of `pairs`."""
     if "translate_fn" not in data:
-        data["translate_fn"] = make_translate_fn(config)
+        data["translate_fn"] = make_translate_fn(config, tokenizer=data["tokenizer"])
     sources_, references = zip(*pairs)
     hypotheses = translate(params, list(sources_), data["tokenizer"], config,
                            translate_fn=data["translate_fn"])
@@ -186,6 +190,7 @@ def bench_batch(config):
     batch.update(inputs=rng.integers(7, config.model.vocab_size, shape, dtype=np.int32),
                  targets=rng.integers(7, config.model.vocab_size, shape, dtype=np.int32),
                  input_positions=positions, target_positions=positions)
-    batch["decoder_inputs"] = np.concatenate(
-        [np.full((shape[0], 1), tok.BOS_ID, np.int32), batch["targets"][:, :-1]], 1)
+    # The targets shifted right; a benchmark has no tokenizer, so the last target stands in
+    # for BOS in column 0 (any id does).
+    batch["decoder_inputs"] = np.roll(batch["targets"], 1, axis=1)
     return batch

@@ -54,7 +54,9 @@ def read_examples(config, workdir):
 def prepare_data(config, workdir) -> dict:
     """Windowed features of the train and dev questions (dev keeps its offset metadata)."""
     mlm_nsp.check_lengths(config)
-    if config.init_from:  # checks the pretraining run before anything is read or written
+    if config.init_from.startswith("hf:"):
+        pass  # hf: checkpoint; its tokenizer is copied by lm.load_or_train_tokenizer below
+    elif config.init_from:  # checks the pretraining run before anything is read or written
         mlm_nsp.copy_tokenizer(config, workdir)
     d = config.data
     train_ex, eval_ex = read_examples(config, workdir)
