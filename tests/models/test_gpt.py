@@ -92,6 +92,8 @@ def test_lm_loss_is_log_vocab_at_uniform_logits():
     config.model.vocab_size = 61
 
     class Uniform(nn.Module):  # zero hidden states: every logit x . e is 0
+        config: gpt.GPTConfig
+
         @nn.compact
         def __call__(self, tokens, *args, hidden_only=False, **kwargs):
             assert hidden_only
@@ -100,6 +102,6 @@ def test_lm_loss_is_log_vocab_at_uniform_logits():
     batch = lm.init_batch(config, 2)
     batch["weights"] = batch["weights"].at[0, :3].set(0.0)
     params = {"wte": {"embedding": jnp.ones((61, 4))}}
-    loss_sum, sums = lm.loss_fn(params, batch, None, model=Uniform(), train=False)
+    loss_sum, sums = lm.loss_fn(params, batch, None, model=Uniform(gpt.GPTConfig.from_config(config.model)), train=False)
     assert float(sums["weight_sum"]) == 2 * 32 - 3
     assert float(loss_sum) == pytest.approx(np.log(61) * (2 * 32 - 3), rel=1e-5)
