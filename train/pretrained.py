@@ -137,7 +137,7 @@ class SafetensorsFolder:
         return self.entries[name][2]
 
     def read(self, name, rows_like=None) -> np.ndarray:
-        """The tensor's values, read into a fresh numpy array.
+        """The tensor's values: a read-only memory map of the file.
 
         With `rows_like` (our vocabulary-padded leaf shape) the values are read as rows of
         that shape's trailing dims into a zero-filled array of its row count, so padding a
@@ -145,11 +145,12 @@ class SafetensorsFolder:
         """
         file, dtype, shape, offset = self.entries[name]
         if rows_like is None:
-            out = target = np.empty(shape, dtype)
-        else:
-            rest = tuple(rows_like[1:])
-            out = np.zeros((rows_like[0],) + rest, dtype)
-            target = out[:math.prod(shape) // max(math.prod(rest), 1)]
+            # A read-only map of the file's pages (usually already in the page cache): no
+            # fresh buffer to fault in and fill; unmapped when the caller drops it.
+            return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape)
+        rest = tuple(rows_like[1:])
+        out = np.zeros((rows_like[0],) + rest, dtype)
+        target = out[:math.prod(shape) // max(math.prod(rest), 1)]
         with open(file, "rb") as f:
             f.seek(offset)
             f.readinto(memoryview(target.reshape(-1).view(np.uint8)))
@@ -207,6 +208,13 @@ def _nest(flat):
     return tree
 
 
+def _rules(rule) -> list:
+    """The Rules of one planned leaf: one, or one per layer of a stacked leaf."""
+    if rule is None:
+        return []
+    return [r for _, r in rule] if isinstance(rule, list) else [rule]
+
+
 def _plan(config, abstract_params, folder):
     """our path -> (Rule or list of (layer, Rule) for stacked leaves, our leaf shape), for
     the leaves the checkpoint has; and the top-level names it lacks (fresh heads)."""
@@ -223,8 +231,7 @@ def _plan(config, abstract_params, folder):
     plan, fresh = {}, set()
     for path, leaf in ours.items():
         rule = by_path.get(path)
-        names = [r.name for _, r in rule] if isinstance(rule, list) else [rule.name] if rule \
-            else []
+        names = [r.name for r in _rules(rule)]
         if not names or any(n not in folder.entries for n in names):
             fresh.add(path.split("/")[0])
             continue
@@ -251,7 +258,7 @@ def check(config, abstract_params, folder=None) -> dict:
                         f"right model folder?")
     vocab = config.model.vocab_size
     for path, (rule, shape) in plan.items():
-        for r in ([r for _, r in rule] if isinstance(rule, list) else [rule]):
+        for r in _rules(rule):
             leaf_shape = shape[1:] if isinstance(rule, list) else shape
             want = hf.expected_hf_shape(r, leaf_shape, vocab)
             have = folder.shape(r.name)
@@ -260,7 +267,7 @@ def check(config, abstract_params, folder=None) -> dict:
                                 f"implies {tuple(want)}; the weights and config.json do not "
                                 "belong together")
     used = {r.name for rule, _ in plan.values()
-            for r in ([r for _, r in rule] if isinstance(rule, list) else [rule])}
+            for r in _rules(rule)}
     unused = sorted(n for n in folder.entries if n not in used and not hf.is_derived(n))
     return {"fresh": sorted(fresh), "unused": unused, "plan": plan}
 

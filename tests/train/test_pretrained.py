@@ -476,3 +476,26 @@ def test_a_real_pretrained_checkpoint_matches_transformers():
                       jnp.asarray(batch["attention_mask"]))
     real = batch["attention_mask"].astype(bool)
     assert np.abs(np.asarray(out["sequence_BLD"]) - ref)[real].max() <= 1e-5
+
+
+@pytest.mark.parametrize("experiment,name", [(gpt_exp, "gpt2"), (bert_exp, "bert_pretraining")])
+def test_scanned_layers_import_and_export_like_unscanned(folders, experiment, name):
+    """With scan_layers the per-layer tensors are stacked into one leaf each: same outputs,
+    and the export unstacks them back to the checkpoint's tensors."""
+    from safetensors.numpy import load_file
+    config, model, params = _load(experiment, folders[name], mesh={"data": -1},
+                                  scan_layers=True)
+    _, plain_model, plain = _load(experiment, folders[name], mesh={"data": -1})
+    assert "h" in params or "layer" in params
+    ids, mask = _padded_batch(np.random.default_rng(10))
+    args = (jnp.asarray(ids), None, jnp.asarray(mask))
+    ours, theirs = model.apply({"params": params}, *args), plain_model.apply({"params": plain},
+                                                                            *args)
+    np.testing.assert_allclose(np.asarray(jax.tree.leaves(ours)[0]),
+                               np.asarray(jax.tree.leaves(theirs)[0]), atol=1e-6)
+    exported = pretrained.export_tensors(config, params, _logical(config))
+    original = load_file(os.path.join(folders[name], "model.safetensors"))
+    for key, value in exported.items():
+        assert value.tobytes() == original[key].tobytes(), key
+    assert len(exported) == len([k for k in original if not __import__("models.hf").hf
+                                 .is_derived(k)])
