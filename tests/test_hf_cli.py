@@ -63,6 +63,9 @@ def test_import_sample_finetune_and_export_round_trip(gpt2_folder, corpus_file, 
     sample = run("experiments.sample", f"--workdir={workdir}", "--prompt=the king",
                  "--temperature=0", "--max_new_tokens=8").stdout
     assert sample.strip()
+    # compare lists it (no steps yet) next to the run fine-tuned from it, below.
+    assert "imported" in run("experiments.compare", str(workdir),
+                             f"--out={tmp_path / 'cmp.png'}").stdout
     # Export gives back the same tensors, and a tokenizer AutoTokenizer loads.
     exported = tmp_path / "exported"
     run("experiments.hf", f"--workdir={workdir}", f"--export_to={exported}")
