@@ -75,7 +75,8 @@ def main(argv):
             out = pretrained.export_run(FLAGS.workdir, FLAGS.export_to)
             print(f"exported {FLAGS.workdir} as {out['architectures'][0]} into "
                   f"{FLAGS.export_to} in {time.perf_counter() - start:.1f} s")
-    except (DataError, ConfigError, checkpoint.CheckpointMismatchError) as e:
+    except (DataError, ConfigError, checkpoint.CheckpointMismatchError,
+            hf.UnsupportedCheckpoint) as e:
         cli.fail(str(e))
 
 

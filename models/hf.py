@@ -81,6 +81,7 @@ def model_fields(hf: dict, vocab_multiple: int = 128) -> tuple[str, dict]:
                       ln_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)))
     elif family == "bert":
         _require(hf, "position_embedding_type", ["absolute"], "learned absolute positions")
+        _require(hf, "tie_word_embeddings", [True], "the MLM output layer is the embedding")
         _require(hf, "is_decoder", [False], "a bidirectional encoder")
         _require(hf, "add_cross_attention", [False], "no cross-attention")
         fields = dict(vocab_size=hf["vocab_size"], max_len=hf["max_position_embeddings"],

@@ -120,6 +120,11 @@ def test_bad_import_and_export_are_one_error_and_write_nothing(gpt2_folder, tmp_
     (broken / "pytorch_model.bin").write_bytes(b"not read")
     _assert_clear_error(run("experiments.hf", f"--import_from={broken}", f"--workdir={target}",
                             check=False), "pytorch_model.bin", "never read")
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    _assert_clear_error(run("experiments.hf", f"--import_from={llama}", f"--workdir={target}",
+                            check=False), "model_type='llama' is not supported")
     assert not target.exists() and not list(tmp_path.glob("never*"))
     # An export never overwrites: a non-empty destination is refused, untouched.
     taken = tmp_path / "taken"

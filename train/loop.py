@@ -68,7 +68,10 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     s = step_lib.build(task, config)
     config_lib.check_batch_split(config, dict(s.mesh.shape))
     hf_dir = hf_io.hf_folder(config.get("init_from", ""))
-    if hf_dir:  # every tensor's name and shape, before anything is written
+    has_checkpoint = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+        name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
+    hf_report = None
+    if hf_dir and not has_checkpoint:  # every tensor's name and shape, before any write
         hf_report = hf_io.check(config, s.abstract.params)
     os.makedirs(workdir, exist_ok=True)
     data = task.prepare_data(config, workdir)
@@ -81,6 +84,7 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     resuming = ckpt.latest_step() is not None
     pretrained = {}
     if hf_dir and not resuming:
+        hf_report = hf_report or hf_io.check(config, s.abstract.params)
         pretrained = hf_io.load_params(config, s.abstract.params, s.state_shardings.params)
         print(f"initialised from {hf_dir}" + (f"; freshly initialised: {hf_report['fresh']}"
                                               if hf_report["fresh"] else ""))

@@ -9,9 +9,9 @@ writes a run (trained here or imported) back as a folder `from_pretrained` loads
 Weights are read only from safetensors files; a folder that has only pickled weights
 (pytorch_model.bin and the like) is refused, never unpickled. The safetensors header is
 parsed here (8-byte length, JSON table of dtype / shape / byte range per tensor) so a
-truncated or inconsistent file is one clear error before any data is read, and each
-tensor's bytes are read straight into one numpy buffer (no memory map, so the file's pages
-never count against the process), placed shard by shard, then dropped.
+truncated or inconsistent file is one clear error before any data is read; each tensor is
+then read through a read-only memory map (vocabulary tables straight into their padded rows),
+placed shard by shard, and unmapped.
 """
 import json
 import math
@@ -66,6 +66,11 @@ class SafetensorsFolder:
         self.entries = {}
         for file in files:
             for name, entry in self._header(file).items():
+                # Early ports (bert-base-uncased's own file) name LayerNorm parameters
+                # gamma / beta, which transformers renames to weight / bias on load.
+                if name.endswith("LayerNorm.gamma") or name.endswith("LayerNorm.beta"):
+                    name = name[:-len("gamma")] + "weight" if name.endswith("gamma") \
+                        else name[:-len("beta")] + "bias"
                 self.entries[name] = (file, *entry)
 
     @staticmethod
@@ -76,10 +81,10 @@ class SafetensorsFolder:
             try:
                 with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-            except (ValueError, KeyError, UnicodeDecodeError) as e:
+                files = sorted({os.path.join(directory, v) for v in weight_map.values()})
+            except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
                 raise DataError(f"{index} is not a safetensors index ({e!r}); download it "
                                 "again") from None
-            files = sorted({os.path.join(directory, v) for v in weight_map.values()})
             missing = [f for f in files if not os.path.exists(f)]
             if missing:
                 raise DataError(f"{index} lists {len(files)} files but {missing[0]} is "
@@ -117,6 +122,10 @@ class SafetensorsFolder:
                                 "again") from None
         table.pop("__metadata__", None)
         entries, end = {}, 0
+        if not isinstance(table, dict) or not all(
+                isinstance(t, dict) and len(t.get("data_offsets", ())) == 2 and "shape" in t
+                for t in table.values()):
+            raise DataError(f"{file} has a damaged safetensors header; download it again")
         for name, t in table.items():
             if t.get("dtype") not in _DTYPES:
                 raise DataError(f"{file}: tensor {name} has dtype {t.get('dtype')!r}, which "
@@ -173,6 +182,9 @@ def configure(config):
                                          128 if multiple == 1 else multiple)
     except UnsupportedCheckpoint as e:
         raise DataError(f"{directory}: {e}") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{directory}/config.json lacks a field this model needs ({e!r}) or is "
+                        "not a Hugging Face model config; download it again") from None
     if family != config.model.get("family", "gpt"):
         raise DataError(f"{directory} holds a {family} checkpoint but this experiment trains "
                         f"a {config.model.get('family', 'gpt')} model; use "
@@ -236,6 +248,8 @@ def _plan(config, abstract_params, folder):
             fresh.add(path.split("/")[0])
             continue
         plan[path] = (rule, leaf.shape)
+    # A group is taken whole or not at all: the loop replaces top-level groups.
+    plan = {p: v for p, v in plan.items() if p.split("/")[0] not in fresh}
     return plan, fresh
 
 
@@ -382,7 +396,8 @@ def export_tensors(config, params, logical_params=None) -> dict:
     if family == "transformer" and "final_logits_bias" not in unstacked:
         unstacked["final_logits_bias"] = np.zeros((m.vocab_size,), np.float32)
     out = hf.export_arrays(rules, unstacked, m.vocab_size)
-    return {k: v.astype(np.float32) if v.dtype != np.float32 and v.dtype.kind == "f" else v
+    floating = lambda v: np.issubdtype(v.dtype, np.floating) or v.dtype == ml_dtypes.bfloat16
+    return {k: v.astype(np.float32) if v.dtype != np.float32 and floating(v) else v
             for k, v in out.items()}
 
 
@@ -417,7 +432,7 @@ def import_run(directory: str, workdir: str, config) -> dict:
     from data import tokenizer as tok
     from train import checkpoint, config as config_lib, step as step_lib, tasks
 
-    config.init_from = PREFIX + directory
+    config.init_from = PREFIX + os.path.abspath(directory)
     configure(config)
     config_lib.validate(config)
     task = tasks.get(config.task)

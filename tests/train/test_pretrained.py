@@ -499,3 +499,27 @@ def test_scanned_layers_import_and_export_like_unscanned(folders, experiment, na
         assert value.tobytes() == original[key].tobytes(), key
     assert len(exported) == len([k for k in original if not __import__("models.hf").hf
                                  .is_derived(k)])
+
+
+def test_old_layernorm_names_and_incomplete_configs(folders, tmp_path):
+    """bert-base-uncased's own file names LayerNorm parameters gamma / beta: it imports the
+    same; a config.json without a field the model needs is one DataError."""
+    from safetensors.numpy import load_file, save_file
+    old = _copy_folder(folders["bert_model"], tmp_path / "gamma")
+    path = os.path.join(old, "model.safetensors")
+    tensors = load_file(path)
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+        "LayerNorm.bias", "LayerNorm.beta"): v for k, v in tensors.items()}
+    assert any(k.endswith("gamma") for k in renamed)
+    save_file(renamed, path, metadata={"format": "pt"})
+    _, _, params = _load(bert_exp, old, mesh={"data": -1}, heads=())
+    _, _, reference = _load(bert_exp, folders["bert_model"], mesh={"data": -1}, heads=())
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(a, b)
+    partial = _copy_folder(folders["gpt2"], tmp_path / "partial")
+    with open(os.path.join(partial, "config.json")) as f:
+        cfg = json.load(f)
+    del cfg["n_embd"]
+    with open(os.path.join(partial, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    assert "lacks a field" in _configure_error(partial)
