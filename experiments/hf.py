@@ -23,7 +23,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from data.errors import DataError
-from models import hf
+from models import hf, layers
 from train import checkpoint, cli, pretrained
 from train.config import ConfigError
 
@@ -64,7 +64,7 @@ def main(argv):
             m = config.model
             print(f"imported {FLAGS.import_from} ({m.family}: {m.num_layers} layers, width "
                   f"{m.d_model}, vocabulary {m.vocab_size} padded to "
-                  f"{hf.padded_rows(m.vocab_size, m.vocab_multiple)}) into "
+                  f"{layers.padded_vocab_size(m.vocab_size, m.vocab_multiple)}) into "
                   f"{FLAGS.workdir} with the settings of {name} in "
                   f"{time.perf_counter() - start:.1f} s")
             if report["fresh"]:

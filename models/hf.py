@@ -20,8 +20,6 @@ import re
 
 import numpy as np
 
-from models import layers
-
 FAMILIES = {"gpt2": "gpt", "bert": "bert", "marian": "transformer"}
 # config.json activation_function / hidden_act -> ours (layers.ACTIVATIONS), and back.
 ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact",
@@ -182,11 +180,12 @@ def hf_config(family: str, model: dict, special: dict, heads=(), labels=None) ->
 class Rule:
     """How one HF tensor becomes (part of) one of our leaves.
 
-    kind: "copy" (the same array); "flat" (HF's flat H*K bias, our H,K); "linear" (torch Linear, (out, in):
-    transposed, then reshaped; `in_dims` of our leading axes are the input); "conv1d" (GPT-2's
-    input-major Conv1D: reshaped only; in_dims 0 for its biases); "vocab" (a vocabulary-indexed table or vector, padded
-    with zero rows to our row count); `part` j of `parts` takes the j-th equal slice of the
-    last HF axis (GPT-2's fused c_attn: Q, K, V).
+    kind: "copy" (the same array); "flat" (HF's flat H*K bias, our H,K); "linear" (torch
+    Linear, (out, in): transposed, then reshaped; `in_dims` of our leading axes are the
+    input); "conv1d" (GPT-2's input-major Conv1D: reshaped only; in_dims 0 for its biases);
+    "vocab" (a vocabulary-indexed table or vector, padded with zero rows to our row count);
+    `part` j of `parts` takes the j-th equal slice of the last HF axis (GPT-2's fused
+    c_attn: Q, K, V).
     """
     name: str
     kind: str = "copy"
@@ -380,10 +379,6 @@ def embed_permutation(d_model: int) -> np.ndarray:
     """
     half = d_model // 2
     return np.concatenate([np.arange(half) * 2, np.arange(half) * 2 + 1])
-
-
-def padded_rows(vocab_size: int, multiple: int) -> int:
-    return layers.padded_vocab_size(vocab_size, multiple)
 
 
 def default_experiment(hf: dict) -> str:

@@ -85,7 +85,8 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     pretrained = {}
     if hf_dir and not resuming:
         hf_report = hf_report or hf_io.check(config, s.abstract.params)
-        pretrained = hf_io.load_params(config, s.abstract.params, s.state_shardings.params)
+        pretrained = hf_io.load_params(config, s.abstract.params, s.state_shardings.params,
+                                       hf_report)
         print(f"initialised from {hf_dir}" + (f"; freshly initialised: {hf_report['fresh']}"
                                               if hf_report["fresh"] else ""))
     elif config.get("init_from") and not resuming:

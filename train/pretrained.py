@@ -20,6 +20,7 @@ import struct
 
 import jax
 import ml_dtypes
+from flax import traverse_util
 import numpy as np
 
 from data.errors import DataError
@@ -198,26 +199,9 @@ def configure(config):
     return config
 
 
-def _paths(tree, prefix=""):
-    """path -> leaf of a nested dict."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_paths(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _nest(flat):
-    tree = {}
-    for path, leaf in flat.items():
-        node = tree
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = leaf
-    return tree
+def _paths(tree) -> dict:
+    """'a/b/c' -> leaf of a nested dict of params (or of their shapes, shardings, specs)."""
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _rules(rule) -> list:
@@ -257,7 +241,8 @@ def check(config, abstract_params, folder=None) -> dict:
     """Compares the checkpoint with the model before anything is read or written.
 
     Returns {"fresh": top-level parameter groups the checkpoint lacks (heads that start
-    from random), "unused": checkpoint tensors nothing reads}. A missing encoder / decoder
+    from random), "unused": checkpoint tensors nothing reads, and the "plan" and "folder"
+    that load_params reads}. A missing encoder / decoder
     tensor or a shape that does not fit is a DataError naming the tensor.
     """
     directory = hf_folder(config.init_from)
@@ -283,7 +268,7 @@ def check(config, abstract_params, folder=None) -> dict:
     used = {r.name for rule, _ in plan.values()
             for r in _rules(rule)}
     unused = sorted(n for n in folder.entries if n not in used and not hf.is_derived(n))
-    return {"fresh": sorted(fresh), "unused": unused, "plan": plan}
+    return {"fresh": sorted(fresh), "unused": unused, "plan": plan, "folder": folder}
 
 
 _CHUNK_BYTES = 32 << 20
@@ -316,16 +301,16 @@ def _put_in_chunks(folder, rule, shape, dtype, sharding):
     return buf
 
 
-def load_params(config, abstract_params, shardings) -> dict:
+def load_params(config, abstract_params, shardings, report=None) -> dict:
     """The checkpoint's parameters, each placed straight onto the devices `shardings` names.
 
     Top-level groups the checkpoint lacks (a classifier over a BertModel) are left out, so
-    the caller keeps them freshly initialised.
+    the caller keeps them freshly initialised. `report` is check()'s, when the caller has
+    already run it (the headers are then not read again).
     """
     from train import host
-    directory = hf_folder(config.init_from)
-    folder = SafetensorsFolder(directory)
-    plan = check(config, abstract_params, folder)["plan"]
+    report = report or check(config, abstract_params)
+    folder, plan = report["folder"], report["plan"]
     host.return_large_buffers()
     flat_shardings = _paths(shardings)
     dtypes = {p: leaf.dtype for p, leaf in _paths(abstract_params).items()}
@@ -354,7 +339,7 @@ def load_params(config, abstract_params, shardings) -> dict:
             shape, flat_shardings[path], lambda index, a=full: np.ascontiguousarray(a[index]))
         placed[path].block_until_ready()
     cache.clear()
-    return _nest(placed)
+    return traverse_util.unflatten_dict(placed, sep="/")
 
 
 def _embed_axes(logical_params) -> dict:
@@ -443,7 +428,7 @@ def import_run(directory: str, workdir: str, config) -> dict:
     try:
         with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
             state = s.init_fn(jax.random.key(config.seed))
-            params = load_params(config, s.abstract.params, s.state_shardings.params)
+            params = load_params(config, s.abstract.params, s.state_shardings.params, report)
             state = state.replace(params={**state.params, **params})
         ckpt = checkpoint.Checkpointer(tmp, async_save=False)
         ckpt.save(0, state, {"next_index": 0}, force=True)

@@ -11,6 +11,7 @@ import optax
 
 from data import finetune, sources
 from data.errors import DataError
+from train import pretrained
 from train.tasks import lm, mlm_nsp
 
 build_model = mlm_nsp.build_model
@@ -34,9 +35,9 @@ def read_examples(config):
 def prepare_data(config, workdir) -> dict:
     """Tokenized train/eval rows, the label names and the majority-class baseline."""
     mlm_nsp.check_lengths(config)
-    if config.init_from.startswith("hf:"):
-        pass  # hf: checkpoint; its tokenizer is copied by lm.load_or_train_tokenizer below
-    elif config.init_from:  # checks the pretraining run before anything is read or written
+    # A run folder is checked before anything is read or written; an hf:DIR checkpoint's
+    # tokenizer is copied by lm.load_or_train_tokenizer below.
+    if config.init_from and pretrained.hf_folder(config.init_from) is None:
         mlm_nsp.copy_tokenizer(config, workdir)
     train_ex, eval_ex = read_examples(config)
     tokenizer = lm.load_or_train_tokenizer(

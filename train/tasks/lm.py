@@ -15,7 +15,7 @@ from data import lm as lm_data
 from data import sources, tokenizer as tok
 from data.errors import DataError
 from models import gpt
-from train import losses, multihost
+from train import losses, multihost, pretrained
 
 
 def build_model(config, **overrides) -> gpt.GPT:
@@ -32,15 +32,14 @@ def load_or_train_tokenizer(config, workdir, train_docs):
     init_from=hf:DIR, or trained on the training documents."""
     path = os.path.join(workdir, tok.MODEL_FILE)
     hf_path = os.path.join(workdir, tok.HF_DIR)
-    init_from = config.get("init_from", "") or ""
-    if init_from.startswith("hf:"):
+    hf_dir = pretrained.hf_folder(config.get("init_from", ""))
+    if hf_dir is not None:
         if os.path.exists(path):
             raise DataError(f"{workdir} already holds a tokenizer.model of its own, but "
-                            f"init_from={init_from} brings that model's tokenizer; use a new "
-                            "workdir")
+                            f"init_from={config.init_from} brings that model's tokenizer; use a "
+                            "new workdir")
         # Copied once into workdir/hf_tokenizer/ (atomically), so the run folder keeps it.
-        multihost.write_once(hf_path, lambda: tok.load_hf_tokenizer(
-            init_from[len("hf:"):]).save(workdir))
+        multihost.write_once(hf_path, lambda: tok.load_hf_tokenizer(hf_dir).save(workdir))
     if os.path.isdir(hf_path):
         return tok.load_hf_tokenizer(hf_path)
     # Trained by process 0 alone: the others would write the same file at the same time.

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from data import squad, sources
 from data.errors import DataError
-from train import multihost
+from train import multihost, pretrained
 from train.tasks import lm, mlm_nsp
 
 build_model = mlm_nsp.build_model
@@ -54,9 +54,9 @@ def read_examples(config, workdir):
 def prepare_data(config, workdir) -> dict:
     """Windowed features of the train and dev questions (dev keeps its offset metadata)."""
     mlm_nsp.check_lengths(config)
-    if config.init_from.startswith("hf:"):
-        pass  # hf: checkpoint; its tokenizer is copied by lm.load_or_train_tokenizer below
-    elif config.init_from:  # checks the pretraining run before anything is read or written
+    # A run folder is checked before anything is read or written; an hf:DIR checkpoint's
+    # tokenizer is copied by lm.load_or_train_tokenizer below.
+    if config.init_from and pretrained.hf_folder(config.init_from) is None:
         mlm_nsp.copy_tokenizer(config, workdir)
     d = config.data
     train_ex, eval_ex = read_examples(config, workdir)
