@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers
+from models import layers, lora
 
 HEADS = ("mlm", "nsp", "classify", "span")
 PRETRAINING_HEADS = ("mlm_transform", "mlm_ln", "mlm_bias", "nsp")
@@ -50,6 +50,13 @@ class BertConfig:
     activation: str = "gelu_exact"  # BERT's erf GELU (layers.ACTIVATIONS)
     ln_epsilon: float = 1e-12
     vocab_multiple: int = 1  # embedding rows padded to a multiple (models/gpt.py GPTConfig)
+    # LoRA adapters in the encoder blocks (models/lora.py; as in models/gpt.py GPTConfig).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "query,key,value,out,wi,wo"
+
+    def __post_init__(self):
+        lora.layer_kwargs(self)  # fail at construction on a bad rank or target name
 
     @property
     def table_size(self) -> int:
@@ -111,7 +118,8 @@ class Bert(nn.Module):
             remat=cfg.remat, scan_layers=cfg.scan_layers, num_heads=cfg.num_heads,
             d_ff=cfg.d_ff, pre_ln=False, causal=False, activation=cfg.activation,
             dropout_rate=cfg.dropout_rate, attention_dropout_rate=cfg.attention_dropout_rate,
-            implementation=cfg.attention, ln_epsilon=cfg.ln_epsilon, **kw)
+            implementation=cfg.attention, ln_epsilon=cfg.ln_epsilon, **lora.layer_kwargs(cfg),
+            **kw)
 
         # The pooler reads only [CLS] (position 0), whose vector attends to the whole input.
         pooled_BD = jnp.tanh(_dense(cfg.d_model, (layers.EMBED, layers.MLP), "pooler", kw)(

@@ -11,8 +11,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from models import decoding, layers
+from models import decoding, layers, lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,14 @@ class GPTConfig:
     # Embedding rows = vocab_size rounded up to this multiple (layers.padded_vocab_size);
     # the padded rows' logits are masked. Imported GPT-2 checkpoints use 128.
     vocab_multiple: int = 1
+    # LoRA (models/lora.py): rank-r adapters scaled by alpha / r on the comma-separated
+    # projections of lora.TARGETS; rank 0 is the plain model.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "query,key,value,out,wi,wo"
+
+    def __post_init__(self):
+        lora.layer_kwargs(self)  # fail at construction on a bad rank or target name
 
     @property
     def table_size(self) -> int:
@@ -60,11 +69,15 @@ class GPT(nn.Module):
     def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic=True,
                  hidden_only=False):
         """Logits B,L,V; with `hidden_only`, the final hidden states B,L,D before the tied output
-        layer (training fuses that layer with its loss: train/losses.py)."""
+        layer (training fuses that layer with its loss: train/losses.py).
+
+        In decode mode `segment_ids_BL` 0 marks the left padding of prompts of different lengths
+        (`generate`); positions then come from the cache, not from `positions_BL`.
+        """
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         if cfg.decode:
-            positions_BL = self._decode_positions(tokens_BL)
+            positions_BL = self._decode_positions(tokens_BL, segment_ids_BL)
         elif positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
 
@@ -79,21 +92,35 @@ class GPT(nn.Module):
             d_ff=cfg.d_ff, pre_ln=True, causal=True, activation=cfg.activation,
             dropout_rate=cfg.dropout_rate, attention_dropout_rate=cfg.attention_dropout_rate,
             implementation=cfg.attention, decode=cfg.decode, query_blocks=cfg.query_blocks,
-            ln_epsilon=cfg.ln_epsilon, **kw)
+            ln_epsilon=cfg.ln_epsilon, **lora.layer_kwargs(cfg), **kw)
         x_BLD = layers.layer_norm("ln_f", epsilon=cfg.ln_epsilon, **kw)(x_BLD)
         if hidden_only:
             return x_BLD
         # Tied output projection, logits_BLV (table_size wide) in the compute dtype.
         return layers.mask_padded_logits(wte.attend(x_BLD), cfg.vocab_size)
 
-    def _decode_positions(self, tokens_BL):
-        """Positions continue from the number of tokens already in the KV cache."""
+    def _decode_positions(self, tokens_BL, segment_ids_BL=None):
+        """Per row, positions continue from the number of real tokens already in the KV cache.
+
+        A real token's position counts only the real tokens before it, so a left-padded prompt
+        is positioned as if it were alone; padding (segment id 0) gets position 0, its outputs
+        are never used. The cache's write index is shared by all rows, positions are not.
+        """
+        b, length = tokens_BL.shape
         initialized = self.has_variable("cache", "position")
-        position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
-        start = position.value if initialized else 0
+        position = self.variable("cache", "position", lambda: jnp.zeros(b, jnp.int32))
+        start_B = position.value if initialized else jnp.zeros(b, jnp.int32)
+        if segment_ids_BL is None:
+            positions_BL = start_B[:, None] + jnp.arange(length)
+            count_B = length
+        else:
+            real_BL = segment_ids_BL != 0
+            before_BL = jnp.cumsum(real_BL, axis=1, dtype=jnp.int32) - 1
+            positions_BL = jnp.where(real_BL, start_B[:, None] + before_BL, 0)
+            count_B = jnp.sum(real_BL, axis=1, dtype=jnp.int32)
         if initialized:
-            position.value = position.value + tokens_BL.shape[1]
-        return jnp.broadcast_to(start + jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+            position.value = start_B + count_B
+        return positions_BL
 
 
 def count_params(config: GPTConfig) -> int:
@@ -128,17 +155,39 @@ def init_cache(model: GPT, batch_size: int, length: int = 0):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
+def left_pad(rows: list[list[int]], width: int, pad_id: int):
+    """(tokens_BP, valid_BP) int32 numpy: each row right-aligned behind `pad_id`s, valid 1 at
+    its tokens and 0 at the padding (generate's prompt_BP and prompt_valid_BP)."""
+    tokens_BP = np.full((len(rows), width), pad_id, np.int32)
+    valid_BP = np.zeros((len(rows), width), np.int32)
+    for b, row in enumerate(rows):
+        if not 0 < len(row) <= width:  # an empty prompt has no last token to continue from
+            raise ValueError(f"prompt {b} has {len(row)} tokens; need 1 to {width}")
+        tokens_BP[b, width - len(row):] = row
+        valid_BP[b, width - len(row):] = 1
+    return tokens_BP, valid_BP
+
+
 def generate(decode_model: GPT, params, prompt_BP, rng, *, max_new_tokens, temperature=1.0,
-             top_k=0, top_p=1.0, eos_id=-1):
+             top_k=0, top_p=1.0, eos_id=-1, prompt_valid_BP=None):
     """B,max_new_tokens continuation ids of each prompt row, sampled with the KV cache.
 
+    Prompts of different lengths share one batch (and one compilation) left-padded, with
+    `prompt_valid_BP` 1 at real tokens and 0 at the padding (`left_pad`): the padding is never
+    attended to and positions skip it, so each row gets the logits it would get alone. Left,
+    because every row's last column must be its last real token. None: all tokens are real.
     Meant to run under jax.jit with the sampling settings bound (functools.partial).
     """
-    def logits_fn(tokens_BL, cache):
+    def logits_fn(tokens_BL, cache, segment_ids_BL=None):
         logits_BLV, variables = decode_model.apply({"params": params, "cache": cache},
-                                                   tokens_BL, mutable=["cache"])
+                                                   tokens_BL, segment_ids_BL=segment_ids_BL,
+                                                   mutable=["cache"])
         return logits_BLV, variables["cache"]
 
+    prefill_fn = None
+    if prompt_valid_BP is not None:
+        prefill_fn = lambda tokens_BP, cache: logits_fn(tokens_BP, cache, prompt_valid_BP)
     cache = init_cache(decode_model, prompt_BP.shape[0], prompt_BP.shape[1] + max_new_tokens)
     return decoding.sample(logits_fn, cache, prompt_BP, rng, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
+                           temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+                           prefill_fn=prefill_fn)

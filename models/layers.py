@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import lora
+
 # Logical axis names. Only train/sharding.py knows which mesh axes they land on.
 BATCH = "batch"
 LENGTH = "length"
@@ -24,6 +26,7 @@ MLP = "mlp"
 VOCAB = "vocab"
 POSITION = "position"
 LAYERS = "layers"  # the leading axis of scanned (stacked) layer parameters; never sharded
+LORA = "lora_rank"  # the rank axis of LoRA adapters (Projection); in no sharding rule: never split
 
 Dtype = Any
 
@@ -79,17 +82,31 @@ def reference_attention(q_BLHK, k_BSHK, v_BSHK, mask_B1LS=None, dropout_fn=None,
     return jnp.einsum(f"bhls,{kv}->blhk", weights_BHLS, v_BSHK)
 
 
+def _contract(x, w, n):
+    """x's last n axes against w's first n: x @ w for N-d operands."""
+    axes = tuple(range(x.ndim - n, x.ndim))
+    return jax.lax.dot_general(x, w, ((axes, tuple(range(n))), ((), ())))
+
+
 class Projection(nn.Module):
     """x W + b contracting the last `in_dims` axes; the kernel keeps its full N-d shape.
 
     Keeping W_Q as D,H,K (rather than D,H*K) lets heads be sharded by name for tensor
     parallelism; `names` are the logical axes of the kernel, the last ones also name the bias.
+
+    With `lora_rank` r > 0 a low-rank update joins the frozen W (LoRA, Hu et al. 2021, sec. 4.1):
+    y = x W + b + (alpha / r) (x A) B, A in_shape,r and B r,features. B starts at zero, so the
+    adapted model starts as the base model exactly; A ~ N(0, 1/fan_in), so x A keeps x's scale
+    whatever the width. A and B carry W's input / output axis names around LORA, so they are
+    sharded like W. models/lora.py splits them off for training and merges them into W.
     """
     features: tuple
     names: tuple
     in_dims: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the update is scaled by alpha / rank (sec. 4.1)
 
     @nn.compact
     def __call__(self, x):
@@ -100,10 +117,21 @@ class Projection(nn.Module):
                                               self.names[self.in_dims:]),
                           tuple(self.features), self.param_dtype)
         x = x.astype(self.dtype)
-        axes = tuple(range(x.ndim - self.in_dims, x.ndim))
-        y = jax.lax.dot_general(x, kernel.astype(self.dtype),
-                                ((axes, tuple(range(self.in_dims))), ((), ())))
-        return y + bias.astype(self.dtype)
+        y = _contract(x, kernel.astype(self.dtype), self.in_dims) + bias.astype(self.dtype)
+        if self.lora_rank > 0:  # created after kernel and bias, so their init is unchanged
+            y = y + self._low_rank_update(x, in_shape)
+        return y
+
+    def _low_rank_update(self, x, in_shape):
+        """(alpha / r) (x A) B; the scale applies to x A, the smaller of the two products."""
+        n, r, names = self.in_dims, self.lora_rank, tuple(self.names)
+        std = 1.0 / np.sqrt(np.prod(in_shape))
+        a = self.param("lora_a", partitioned(nn.initializers.normal(std), names[:n] + (LORA,)),
+                       in_shape + (r,), self.param_dtype)
+        b = self.param("lora_b", partitioned(nn.initializers.zeros, (LORA,) + names[n:]),
+                       (r,) + tuple(self.features), self.param_dtype)
+        xa = _contract(x, a.astype(self.dtype), n) * (self.lora_alpha / r)
+        return _contract(xa, b.astype(self.dtype), 1)
 
 
 class MultiHeadAttention(nn.Module):
@@ -125,10 +153,20 @@ class MultiHeadAttention(nn.Module):
     query_blocks: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    # LoRA adapters (Projection) of rank lora_rank on the projections named in lora_targets
+    # among query, key, value, out; 0: none.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple = lora.TARGETS
+
+    def _projection_kw(self, name):
+        rank = self.lora_rank if name in self.lora_targets else 0
+        return dict(lora_rank=rank, lora_alpha=self.lora_alpha, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name=name)
 
     def _project(self, x, name):
-        return Projection((self.num_heads, self.head_dim), (EMBED, HEADS, KV), dtype=self.dtype,
-                          param_dtype=self.param_dtype, name=name)(x)
+        return Projection((self.num_heads, self.head_dim), (EMBED, HEADS, KV),
+                          **self._projection_kw(name))(x)
 
     @nn.compact
     def __call__(self, x_BLD, kv_BSD=None, *, segment_ids_BL=None, kv_segment_ids_BS=None,
@@ -149,12 +187,12 @@ class MultiHeadAttention(nn.Module):
             v_BSHK = self._project(m_BSD, "value")
 
         if self.decode and kv_BSD is None and projected_kv is None:
-            z_BLHK = self._cached_attention(q_BLHK, k_BSHK, v_BSHK)
+            z_BLHK = self._cached_attention(q_BLHK, k_BSHK, v_BSHK, segment_ids_BL)
         else:
             z_BLHK = self._attention(q_BLHK, k_BSHK, v_BSHK, segment_ids_BL, kv_segment_ids_BS,
                                      causal, deterministic)
-        return Projection((x_BLD.shape[-1],), (HEADS, KV, EMBED), in_dims=2, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name="out")(z_BLHK)
+        return Projection((x_BLD.shape[-1],), (HEADS, KV, EMBED), in_dims=2,
+                          **self._projection_kw("out"))(z_BLHK)
 
     def _attention(self, q_BLHK, k_BSHK, v_BSHK, segment_ids_BL, kv_segment_ids_BS, causal,
                    deterministic):
@@ -216,13 +254,19 @@ class MultiHeadAttention(nn.Module):
                                                   deterministic))
         return jnp.concatenate(outputs, axis=1)
 
-    def _cached_attention(self, q_BLHK, k_BLHK, v_BLHK):
+    def _cached_attention(self, q_BLHK, k_BLHK, v_BLHK, segment_ids_BL=None):
         """Incremental causal self-attention: appends the new keys/values to the cache and
-        attends over everything cached so far.
+        attends over every real token cached so far.
 
         The cache is stored heads-first (B,H,S,K): each step's q.k and p.v are then batched
         products over contiguous memory. With a B,S,H,K cache XLA transposed (copied) the whole
         cache at every step, which made CPU decoding about 5x slower per layer.
+
+        `segment_ids_BL` 0 marks padding among the new tokens (prompts of different lengths
+        left-padded into one batch); None: all are real. The cache holds one sequence per row,
+        so only zero vs non-zero matters. Which slots hold real tokens is kept per row
+        (`cached_valid`), so padding written by the prompt call stays masked at every later
+        step, while all rows share one write index.
         """
         initialized = self.has_variable("cache", "cached_key")
         b, length, h, k = k_BLHK.shape
@@ -230,6 +274,7 @@ class MultiHeadAttention(nn.Module):
                                  k_BLHK.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, (b, h, length, k),
                                  v_BLHK.dtype)
+        cached_valid = self.variable("cache", "cached_valid", jnp.zeros, (b, length), bool)
         index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
         if not initialized:  # the init call only sizes the cache
             mask = make_attention_mask(causal=True, q_len=length, kv_len=length)
@@ -239,11 +284,17 @@ class MultiHeadAttention(nn.Module):
             cached_k.value, k_BLHK.transpose(0, 2, 1, 3), (0, 0, i, 0))
         cached_v.value = jax.lax.dynamic_update_slice(
             cached_v.value, v_BLHK.transpose(0, 2, 1, 3), (0, 0, i, 0))
+        valid_BL = (jnp.ones((b, length), bool) if segment_ids_BL is None
+                    else segment_ids_BL != 0)
+        cached_valid.value = jax.lax.dynamic_update_slice(cached_valid.value, valid_BL, (0, i))
         index.value = i + length
-        # New token j sits at absolute position i + j and sees cache slots 0..i+j; slots past
-        # the write head hold zeros and are masked by the same comparison.
+        # New token j sits at slot i + j and sees the real tokens among slots 0..i+j; slots past
+        # the write head hold zeros and are masked by the same comparison. A left-padding query
+        # sees no key at all: its output (finite: uniform attention) is never used. Without padding
+        # the slot-is-real test removes nothing the causal one keeps, so the result is the
+        # causal-only one bit for bit.
         mask = make_attention_mask(causal=True, q_len=length, kv_len=cached_k.value.shape[2],
-                                   q_offset=i)
+                                   q_offset=i) & cached_valid.value[:, None, None, :]
         return reference_attention(q_BLHK, cached_k.value, cached_v.value, mask,
                                    heads_first_kv=True)
 
@@ -274,26 +325,32 @@ def mask_padded_logits(logits_BLV, vocab_size: int):
 
 
 class FeedForward(nn.Module):
-    """FFN(x) = act(x W_1 + b_1) W_2 + b_2, applied at each position (sec. 3.3)."""
+    """FFN(x) = act(x W_1 + b_1) W_2 + b_2, applied at each position (sec. 3.3).
+
+    wi and wo are Projections with nn.Dense's parameters (kernel D,F / F,D and bias, same
+    initialisers and numerics), so checkpoints written with nn.Dense load unchanged.
+    """
     d_ff: int
     activation: str = "gelu"  # "relu": the Transformer; "gelu": GPT-2; "gelu_exact": BERT
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_rank: int = 0  # LoRA adapters on those of wi, wo named in lora_targets; 0: none
+    lora_alpha: float = 16.0
+    lora_targets: tuple = lora.TARGETS
+
+    def _dense(self, features, names, name):
+        rank = self.lora_rank if name in self.lora_targets else 0
+        return Projection((features,), names, lora_rank=rank, lora_alpha=self.lora_alpha,
+                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     @nn.compact
     def __call__(self, x_BLD, deterministic=True):
         act = ACTIVATIONS[self.activation]
-        h_BLF = nn.Dense(
-            self.d_ff, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=partitioned(nn.initializers.normal(0.02), (EMBED, MLP)),
-            bias_init=partitioned(nn.initializers.zeros, (MLP,)), name="wi")(x_BLD)
+        h_BLF = self._dense(self.d_ff, (EMBED, MLP), "wi")(x_BLD)
         h_BLF = nn.with_logical_constraint(act(h_BLF), (BATCH, LENGTH, MLP))
         h_BLF = nn.Dropout(self.dropout_rate)(h_BLF, deterministic=deterministic)
-        return nn.Dense(
-            x_BLD.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=partitioned(nn.initializers.normal(0.02), (MLP, EMBED)),
-            bias_init=partitioned(nn.initializers.zeros, (EMBED,)), name="wo")(h_BLF)
+        return self._dense(x_BLD.shape[-1], (MLP, EMBED), "wo")(h_BLF)
 
 
 def layer_norm(name, dtype=jnp.float32, param_dtype=jnp.float32, epsilon=1e-5):
@@ -378,16 +435,22 @@ class SelfAttentionBlock(nn.Module):
     ln_epsilon: float = 1e-5  # BERT used 1e-12
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_rank: int = 0  # LoRA adapters on the lora_targets projections (Projection); 0: none
+    lora_alpha: float = 16.0
+    lora_targets: tuple = lora.TARGETS
 
     @nn.compact
     def __call__(self, x_BLD, segment_ids_BL=None, deterministic=True):
         d_model = x_BLD.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        adapters = dict(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+                        lora_targets=self.lora_targets)
         attn = MultiHeadAttention(self.num_heads, d_model // self.num_heads,
                                   dropout_rate=self.attention_dropout_rate,
                                   implementation=self.implementation, decode=self.decode,
-                                  query_blocks=self.query_blocks, name="attn", **kw)
-        mlp = FeedForward(self.d_ff, self.activation, self.dropout_rate, name="mlp", **kw)
+                                  query_blocks=self.query_blocks, name="attn", **adapters, **kw)
+        mlp = FeedForward(self.d_ff, self.activation, self.dropout_rate, name="mlp", **adapters,
+                          **kw)
         drop = nn.Dropout(self.dropout_rate)
         ln_1 = layer_norm("ln_1", epsilon=self.ln_epsilon, **kw)
         ln_2 = layer_norm("ln_2", epsilon=self.ln_epsilon, **kw)
