@@ -72,15 +72,18 @@ def next_token(logits_BV, rng, *, temperature=1.0, top_k=0, top_p=1.0):
 
 
 def sample(logits_fn, cache, prompt_BP, rng, *, max_new_tokens, temperature=1.0, top_k=0,
-           top_p=1.0, eos_id=-1):
+           top_p=1.0, eos_id=-1, prefill_fn=None):
     """Continues each prompt row by `max_new_tokens` tokens; returns B,max_new_tokens.
 
     The prompt is fed in one call (filling the KV cache), then one token per scan step. After a
     row emits `eos_id`, it keeps emitting `eos_id` (callers cut there). Callers jit this with
     their parameters as an argument that `logits_fn` closes over inside the traced function.
+    `prefill_fn`, with logits_fn's signature, makes that prompt call instead of logits_fn: a
+    model can then mask left-padded prompts of different lengths (models/gpt.generate). The
+    first token is drawn from the prompt's last column either way.
     """
     pick = functools.partial(next_token, temperature=temperature, top_k=top_k, top_p=top_p)
-    logits_BPV, cache = logits_fn(prompt_BP, cache)
+    logits_BPV, cache = (prefill_fn or logits_fn)(prompt_BP, cache)
     rng, step_rng = jax.random.split(rng)
     first_B = pick(logits_BPV[:, -1], step_rng)
 

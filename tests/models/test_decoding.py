@@ -53,6 +53,18 @@ def test_tokens_after_eos_are_eos():
     np.testing.assert_array_equal(out, [[2, 3, 4, 4, 4, 4]])
 
 
+def test_prefill_fn_makes_only_the_prompt_call():
+    def prefill_fn(tokens, cache):  # jumps by 3, and hands its cache on to the steps
+        return 10.0 * jax.nn.one_hot((tokens + 3) % 6, 6), cache + 100
+
+    def logits_fn(tokens, cache):  # the step after the prompt sees the prefill's cache
+        return 10.0 * jax.nn.one_hot((tokens + 1 + (cache == 100)) % 6, 6), cache + 1
+
+    out = decoding.sample(logits_fn, jnp.int32(0), jnp.array([[0, 1]]), jax.random.key(0),
+                          max_new_tokens=4, temperature=0.0, prefill_fn=prefill_fn)
+    np.testing.assert_array_equal(out, [[4, 0, 1, 2]])
+
+
 def test_sampling_frequencies_follow_the_filtered_distribution():
     rngs = jax.random.split(jax.random.key(0), 20000)
     draws = jax.vmap(lambda r: decoding.next_token(LOGITS, r, temperature=1.0, top_k=3))(rngs)
