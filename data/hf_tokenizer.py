@@ -88,6 +88,39 @@ class HFTokenizer(tok.BaseTokenizer):
         """Copies its tokenizer files into directory (config.json is the model's to write)."""
         _export_files(self.path, self._files, directory)
 
+    def with_special_tokens(self, tokens, directory: str) -> "HFTokenizer":
+        """This tokenizer with `tokens` added as special tokens (new ones take the next ids),
+        written as directory/hf_tokenizer/ (tokenizer.json and its configs) and loaded from
+        there. Its tokenizer_config.json says split_special_tokens: true (transformers' name
+        for it), so no special token is ever matched in text: encode("<|user|>") cannot give
+        the id of <|user|>, nor GPT-2's "<|endoftext|>" the id 50256."""
+        backend = tokenizers.Tokenizer.from_str(self._tk.to_str())
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t in tokens])
+        config = _read_json(self.path, "tokenizer_config.json") or {}
+        # Named explicitly: a vocab.txt-only folder relied on BERT's defaults, which a
+        # tokenizer.json folder does not assume.
+        for name in tok.SPECIAL_NAMES:
+            if getattr(self, f"{name}_id") is not None:
+                config[f"{name}_token"] = self.id_to_piece(getattr(self, f"{name}_id"))
+        extra = list(config.get("additional_special_tokens") or [])
+        config["additional_special_tokens"] = extra + [t for t in tokens if t not in extra]
+        if isinstance(config.get("added_tokens_decoder"), dict):
+            for t in tokens:
+                config["added_tokens_decoder"][str(backend.token_to_id(t))] = {
+                    "content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                    "single_word": False, "special": True}
+        config["split_special_tokens"] = True
+        files = {"tokenizer.json": backend.to_str(),
+                 "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False)}
+        for name in ("special_tokens_map.json", "config.json"):
+            if name in self._files:
+                with open(os.path.join(self.path, name), encoding="utf-8") as f:
+                    files[name] = f.read()
+        target = os.path.join(directory, tok.HF_DIR)
+        _write_files(target, files)
+        return load_hf_tokenizer(target)
+
 
 class MarianSpmTokenizer(tok.BaseTokenizer):
     """Marian's tokenizer: SentencePiece pieces numbered by vocab.json (transformers'
@@ -186,6 +219,8 @@ def load_hf_tokenizer(directory: str):
         raise DataError(f"{directory} has no tokenizer files (looked for {_LOOKED_FOR}); "
                         "download the model's tokenizer files into it too")
     ids = _special_ids(directory, configs, named, backend.token_to_id)
+    if configs["tokenizer_config.json"].get("split_special_tokens") is True:
+        backend.encode_special_tokens = True  # special tokens in text stay plain text
     return HFTokenizer(directory, backend, ids, files)
 
 
@@ -343,6 +378,23 @@ def _copy_files(source_dir, names, target):
         if os.path.isdir(target):
             shutil.rmtree(target)
         os.replace(tmp, target)  # readers see no folder, or a complete one
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_files(target, files: dict[str, str]):
+    """Writes {name: text} as the folder target, replacing it as a whole (as _copy_files)."""
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(target) + ".tmp")
+    try:
+        for name, text in files.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -150,6 +150,10 @@ class Tokenizer(BaseTokenizer):
                 f"{self.path} was not trained by this codebase (its first pieces are {specials}, "
                 f"expected {list(SPECIAL_PIECES)}); delete it so the run trains a new tokenizer"
             )
+        # Control pieces beyond pad / bos / eos (the chat tokens of data/chat.py, appended by
+        # with_special_tokens) are special too: text never produces them, decode skips them.
+        self._added_special_ids = frozenset(
+            i for i in range(self._sp.vocab_size()) if self._sp.is_control(i))
 
     @property
     def vocab_size(self) -> int:
@@ -188,6 +192,27 @@ class Tokenizer(BaseTokenizer):
 
         special = {name: getattr(self, f"{name}_id") for name in SPECIAL_NAMES}
         hf_export.export_sentencepiece(self._proto, special, directory, model_family)
+
+    def with_special_tokens(self, tokens, directory: str) -> "Tokenizer":
+        """This model with `tokens` appended as control pieces (ids vocab_size, vocab_size + 1,
+        ...; one already there becomes a control piece in place), written to
+        directory/tokenizer.model (atomically) and returned. SentencePiece never produces a
+        control piece from text, so encode("<|user|>") cannot give its id."""
+        from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+        control = model_pb2.ModelProto.SentencePiece.CONTROL
+        model = model_pb2.ModelProto()
+        model.ParseFromString(self._proto)
+        existing = {piece.piece: piece for piece in model.pieces}
+        for token in tokens:
+            if token in existing:
+                existing[token].type = control
+            else:
+                model.pieces.add(piece=token, score=0.0, type=control)
+        proto = model.SerializeToString()
+        path = os.path.join(directory, MODEL_FILE)
+        _write_atomic(path, proto)
+        return Tokenizer(path, proto)
 
 
 def _training_sentences(texts: Iterable[str]) -> Iterator[str]:
