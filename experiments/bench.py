@@ -91,8 +91,12 @@ def bench_training(config, peak, verbose=True):
         stats = compiled.memory_analysis()
         mib = 2.0 ** -20
         if verbose:
+            lora_note = ("" if abstract.frozen is None else
+                         f" (LoRA: {memory.per_device_bytes(abstract.params) * mib:,.1f} MiB "
+                         "of them trained)")
             print(f"memory per device: parameters "
-                  f"{memory.per_device_bytes(abstract.params) * mib:,.1f} MiB | optimizer state "
+                  f"{memory.per_device_bytes((abstract.params, abstract.frozen)) * mib:,.1f} MiB"
+                  f"{lora_note} | optimizer state "
                   f"{memory.per_device_bytes(abstract.opt_state) * mib:,.1f} MiB | activations +"
                   f" workspace (XLA temp) {stats.temp_size_in_bytes * mib:,.1f} MiB")
         for _ in range(FLAGS.warmup):

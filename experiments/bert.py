@@ -42,7 +42,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         dropout_rate=0.1, attention_dropout_rate=0.1, heads=("mlm", "nsp"), num_labels=2,
         attention="fast", dtype="float32", param_dtype="float32",
         remat="none", scan_layers=False, activation="gelu_exact", ln_epsilon=1e-12,
-        vocab_multiple=1))
+        vocab_multiple=1,
+        # LoRA (models/lora.py): rank 0 = off; rank > 0 trains adapters over init_from's weights.
+        lora_rank=0, lora_alpha=16.0, lora_targets="query,key,value,out,wi,wo"))
     c.data = ml_collections.ConfigDict(dict(
         source="bible", text_field="text", bible_version="4", eval_fraction=0.05,
         cache_dir="", tokenizer_type="bpe", max_len=seq_len, max_predictions=max_predictions,

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import WORDS
 from tests.test_cli import _assert_clear_error, run, train, tree_digest
 from data import squad
-from train import tasks
+from train import checkpoint, tasks
 
 
 def pretrain(workdir, corpus, *overrides, check=True):
@@ -114,6 +114,28 @@ def test_finetuning_starts_from_the_pretrained_encoder(pretrained, tmp_path, cor
         assert pre.keys() == ft.keys()
         for key in pre:
             np.testing.assert_array_equal(pre[key], ft[key], err_msg=f"{name} {key}")
+
+
+def test_lora_classification_trains_adapters_and_head_over_the_frozen_encoder(pretrained,
+                                                                            tmp_path):
+    """BERT with LoRA: the encoder equals the pretrained one, the adapters and the fresh
+    classifier head trained, and the checkpoint holds only those."""
+    train_file = write_classification(tmp_path / "train.tsv", 40, 0)
+    finetune("bert_classify", tmp_path / "run", pretrained, train_file, train_file,
+             "--config.model.lora_rank=4", "--config.num_train_steps=4",
+             "--config.eval_every_steps=4", "--config.opt.warmup_steps=0")
+    _, _, pre_params, _ = tasks.load_run(str(pretrained))
+    _, _, ft_params, _ = tasks.load_run(str(tmp_path / "run"))
+    base, adapters = _leaves(pre_params["layer_0"]), _leaves(ft_params["layer_0"])
+    lora_keys = [k for k in adapters if "lora_" in k]
+    assert lora_keys and set(adapters) - set(lora_keys) == set(base)
+    for key in base:
+        np.testing.assert_array_equal(base[key], adapters[key], err_msg=key)
+    assert any(np.abs(adapters[k]).max() > 0 for k in lora_keys if "lora_b" in k)
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), async_save=False, read_only=True)
+    saved = ckpt._manager.item_metadata(ckpt.latest_step())["state"]["params"]
+    ckpt.close()
+    assert set(saved) == {"layer_0", "layer_1", "classifier"}
 
 
 def _leaves(tree):

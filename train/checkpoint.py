@@ -109,7 +109,8 @@ class Checkpointer:
             return False  # (Orbax alone would also save the first step of every new run)
         self._seal_finished()
         return self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+            state=ocp.args.StandardSave(_saved_part(state)),
+            data=ocp.args.JsonSave(data_state)), force=force)
 
     def _seal_finished(self):
         """Records checksums of every save that has finished (process 0 writes them)."""
@@ -123,7 +124,9 @@ class Checkpointer:
                 self._sealed.add(step)
 
     def _restore_step(self, abstract_state, step):
-        """(state, data_state) of one step; DamagedCheckpointError if it cannot be read."""
+        """(state, data_state) of one step; DamagedCheckpointError if it cannot be read.
+        The state's `frozen` base weights (LoRA) are not in checkpoints: it comes back None."""
+        template, abstract_state = abstract_state, _saved_part(abstract_state)
         damage = find_damage(os.path.join(self.directory, str(step)))
         if damage is None:
             try:
@@ -136,7 +139,10 @@ class Checkpointer:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
                     data=ocp.args.JsonRestore()))
-                return restored["state"], restored["data"]
+                state = restored["state"]
+                if template is not abstract_state:  # back into a TrainState, frozen None
+                    state = template.replace(frozen=None, **state)
+                return state, restored["data"]
             except Exception as e:  # pylint: disable=broad-except
                 damage = f"it cannot be read: {_one_line(e)}"
         raise DamagedCheckpointError(damage)
@@ -166,6 +172,11 @@ class Checkpointer:
         raise DamagedCheckpointError(
             f"no intact checkpoint in {self.directory} ({shown}). Nothing was moved or "
             "deleted: restore the folder from a copy, or start afresh with a new --workdir.")
+
+    def data_state(self, step: int) -> dict:
+        """The data iterator position saved with `step`."""
+        return self._manager.restore(step, args=ocp.args.Composite(
+            data=ocp.args.JsonRestore()))["data"]
 
     def _move_aside(self, steps) -> list:
         """Moves damaged step folders out of Orbax's directory (kept, never deleted), so the
@@ -222,6 +233,15 @@ class Checkpointer:
     def close(self):
         self.wait()
         self._manager.close()
+
+
+def _saved_part(state):
+    """What a checkpoint holds of a train state: step, params and opt_state, as a dict (the
+    layout of every checkpoint written so far). LoRA's frozen base weights stay in the base
+    run (config.init_from) and are loaded from there."""
+    if hasattr(state, "opt_state") and hasattr(state, "frozen"):
+        return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    return state
 
 
 def _one_line(error: Exception) -> str:

@@ -44,6 +44,14 @@ def _choice(*options):
     return (lambda v: v in options), f"one of {list(options)}"
 
 
+def _lora_targets():
+    from models.lora import TARGETS
+    def check(v):
+        names = v.split(",") if isinstance(v, str) else None
+        return bool(names) and all(name in TARGETS for name in names)
+    return check, f"comma-separated names from {list(TARGETS)}"
+
+
 def _mesh_axis():
     return (lambda v: isinstance(v, int) and (v >= 1 or v == -1)), \
         "a device count >= 1, or -1 for the devices left over"
@@ -72,6 +80,9 @@ RULES = {
     "model.activation": _choice(*ACTIVATIONS),
     "model.ln_epsilon": _number(0, 1, low_open=True), "model.vocab_multiple": POSITIVE,
     "model.position_layout": _choice(*POSITION_LAYOUTS), "model.pad_id": NON_NEGATIVE,
+    "model.lora_rank": NON_NEGATIVE + ("(0: off)",),
+    "model.lora_alpha": _number(0, math.inf, low_open=True),
+    "model.lora_targets": _lora_targets(),
     "data.max_len": POSITIVE, "data.max_predictions": POSITIVE, "data.dupe_factor": POSITIVE,
     "data.doc_stride": POSITIVE, "data.max_query_len": POSITIVE, "data.n_best": POSITIVE,
     "data.max_answer_len": POSITIVE, "data.eval_sentences": POSITIVE,
@@ -81,6 +92,8 @@ RULES = {
     "data.short_seq_prob": _number(0, 1),
     "data.holdout_fraction": _number(0, 1, high_open=True),
     "data.tokenizer_type": _choice(*TOKENIZERS),
+    "data.eval_generations": NON_NEGATIVE + ("(0: every dev conversation)",),
+    "data.max_new_tokens": POSITIVE, "data.eval_temperature": _number(0, math.inf),
     "decode.beam_size": POSITIVE, "decode.alpha": _number(-math.inf, math.inf),
     "opt.learning_rate": _number(0, math.inf) + ("(0 trains nothing: a frozen check)",),
     "opt.warmup_steps": NON_NEGATIVE, "opt.end_lr_fraction": _number(0, 1),

@@ -62,6 +62,8 @@ def evaluate(eval_step, params, eval_rows, config, batch_shard,
 def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     """Trains `task` as configured; returns the final eval metrics."""
     hf_io.configure(config)  # init_from=hf:DIR sets the architecture from DIR/config.json
+    if task.configure is not None:
+        task.configure(config)
     config_lib.validate(config)
     config_lib.check_workdir(workdir)
     notes = checkpoint.check_resume_config(config, workdir)
@@ -72,7 +74,11 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
         name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
     hf_report = None
     if hf_dir and not has_checkpoint:  # every tensor's name and shape, before any write
-        hf_report = hf_io.check(config, s.abstract.params)
+        hf_report = hf_io.check(config, s.base_params)
+    if step_lib.uses_lora(config) and not config.get("init_from"):
+        raise ConfigError("config.model.lora_rank > 0 trains adapters over a pretrained model, "
+                          "but config.init_from is empty; set it to a run folder or hf:DIR, or "
+                          "train every weight with --config.model.lora_rank=0")
     os.makedirs(workdir, exist_ok=True)
     data = task.prepare_data(config, workdir)
     ckpt = checkpoint.Checkpointer(workdir, save_every_steps=config.checkpoint_every_steps,
@@ -83,34 +89,51 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     rng = jax.random.key(config.seed)
     resuming = ckpt.latest_step() is not None
     pretrained = {}
-    if hf_dir and not resuming:
-        hf_report = hf_report or hf_io.check(config, s.abstract.params)
-        pretrained = hf_io.load_params(config, s.abstract.params, s.state_shardings.params,
-                                       hf_report)
-        print(f"initialised from {hf_dir}" + (f"; freshly initialised: {hf_report['fresh']}"
-                                              if hf_report["fresh"] else ""))
-    elif config.get("init_from") and not resuming:
-        if task.load_pretrained is None:
-            raise ConfigError(f"task {task.name} cannot start from config.init_from; leave it "
-                              "empty")
-        # Fine-tuning starts from pretrained weights (placed on this mesh) and fresh heads.
-        pretrained = task.load_pretrained(config, s.state_shardings.params)
+    # A LoRA run reloads its frozen base at every start: checkpoints hold only the adapters.
+    if not resuming or step_lib.uses_lora(config):
+        pretrained = load_base_params(config, task, s, hf_report, log=not resuming)
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
         if resuming:
             state, data_state = ckpt.restore(s.abstract)
             train_iter.set_state(data_state)
+            if s.abstract.frozen is not None:
+                state = state.replace(frozen=s.init_fn(jax.random.fold_in(rng, 0)).frozen)
         else:
             state = s.init_fn(jax.random.fold_in(rng, 0))
+        if state.frozen is not None:
+            state = state.replace(frozen={**state.frozen, **pretrained})
+        elif not resuming:
             state = state.replace(params={**state.params, **pretrained})
         if jax.process_index() == 0:  # once the state is in hand: a refusal writes nothing
             with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
                 f.write(config.to_json(indent=2))
         eval_step = jax.jit(lambda p, b: task.loss_fn(p, b, None, model=s.model, train=False)[1],
-                            in_shardings=(s.state_shardings.params, s.batch_shard),
+                            in_shardings=(s.param_shardings, s.batch_shard),
                             out_shardings=sharding.replicated(s.mesh))
         run = Run(config, workdir, task, data, s, ckpt, s.jit_train_step(task, config),
                   eval_step)
         return _run(run, state, train_iter, jax.random.fold_in(rng, 1), notes)
+
+
+def load_base_params(config, task, s, hf_report=None, log=False) -> dict:
+    """The parameters config.init_from gives (an hf:DIR folder or a run folder), placed on the
+    mesh of Setup `s`: those that replace fresh ones, or with LoRA the frozen base. {} when
+    init_from is empty."""
+    hf_dir = hf_io.hf_folder(config.get("init_from", ""))
+    shardings = s.state_shardings.params if s.abstract.frozen is None else s.state_shardings.frozen
+    if hf_dir:
+        hf_report = hf_report or hf_io.check(config, s.base_params)
+        params = hf_io.load_params(config, s.base_params, shardings, hf_report)
+        if log:
+            print(f"initialised from {hf_dir}" + (f"; freshly initialised: {hf_report['fresh']}"
+                                                  if hf_report["fresh"] else ""))
+        return params
+    if not config.get("init_from"):
+        return {}
+    if task.load_pretrained is None:
+        raise ConfigError(f"task {task.name} cannot start from config.init_from; leave it empty")
+    # Fine-tuning starts from pretrained weights (placed on this mesh) and fresh heads.
+    return task.load_pretrained(config, shardings)
 
 
 def _diverged(step, metrics, saved):
@@ -133,10 +156,15 @@ def _run(run, state, train_iter, dropout_rng, notes):
     tokens_per_step = config.batch_size * config.data.max_len
     seconds_at_peak = task.flops_per_token(config) * tokens_per_step / peak
     num_params = sum(x.size for x in jax.tree.leaves(run.setup.abstract.params))
+    if run.setup.abstract.frozen is not None:
+        frozen = sum(x.size for x in jax.tree.leaves(run.setup.abstract.frozen))
+        num_params = f"{num_params + frozen:,} ({num_params:,} trained: LoRA)"
+    else:
+        num_params = f"{num_params:,}"
     run.writer = metrics_lib.MetricWriter(run.workdir)
     bar = metrics_lib.ProgressBar(first_step, config.num_train_steps)
     run.log = bar.write
-    bar.write(f"{num_params:,} parameters | {jax.device_count()} devices {dict(config.mesh)} | "
+    bar.write(f"{num_params} parameters | {jax.device_count()} devices {dict(config.mesh)} | "
               f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source}) | data {run.data['info']} | "
               f"{'resuming at step ' + str(first_step) if first_step else 'new run'}")
     if notes and first_step:
@@ -210,7 +238,7 @@ def _run(run, state, train_iter, dropout_rng, notes):
                 pending.clear()
                 skipped["window"] = 0
             if eval_now:
-                final = _eval_all(run, state.params)
+                final = _eval_all(run, step_lib.full_params(state.params, state.frozen))
                 final["wall_time"] = wall0 + time.time() - run_start
                 run.writer.write(step, "eval", final)
                 bar.write(f"step {step}: eval " + " ".join(
@@ -245,10 +273,12 @@ def _finish(run, state, step, final):
     Returns `final` with the averaged model's metrics as `averaged_*` and the test split's as
     `test_*`; both are also written to metrics.jsonl (splits "averaged" and "test").
     """
-    num, params = run.config.get("average_checkpoints", 0), state.params
+    num = run.config.get("average_checkpoints", 0)
+    params = step_lib.full_params(state.params, state.frozen)
     if num > 1:
         run.ckpt.wait()  # the final save is asynchronous
         params, steps = run.ckpt.average_params(run.setup.abstract, num)
+        params = step_lib.full_params(params, state.frozen)
         averaged = _eval_all(run, params)
         run.writer.write(step, "averaged", dict(averaged, checkpoints=len(steps)))
         run.log(f"averaged the last {len(steps)} checkpoints (steps {steps[0]}..{steps[-1]}): "
@@ -282,4 +312,12 @@ def restore_params(config, workdir: str, task: Task, average=None):
         state, _ = ckpt.restore(s.abstract)
         params, step = state.params, int(state.step)
     ckpt.close()
+    if s.abstract.frozen is not None:  # LoRA: the adapters over the base run's weights
+        base = load_base_params(config, task, s)
+        missing = set(s.abstract.frozen) - set(base)
+        if missing:
+            raise checkpoint.CheckpointMismatchError(
+                f"the base weights of {workdir} (config.init_from={config.init_from}) lack "
+                f"{sorted(missing)}; the base run must hold every frozen parameter")
+        params = step_lib.full_params(params, base)
     return params, step

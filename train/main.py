@@ -39,13 +39,15 @@ def main(argv):
     config, fl = flags.FLAGS.config, flags.FLAGS
     try:
         pretrained.configure(config)  # init_from=hf:DIR: the architecture of DIR
+        task = tasks.get(config.task)
+        if task.configure is not None:
+            task.configure(config)  # keys that follow from others (sft: the base run's shape)
         config_lib.validate(config)  # (train_and_evaluate checks --workdir)
         # Both first: the CPU device count and jax.distributed.initialize cannot change once
         # a JAX device has been used.
         host.split_cpu_devices(config.mesh.get("cpu_devices", 0))
         multihost.maybe_initialize_distributed(fl.coordinator_address, fl.num_processes,
                                                fl.process_id)
-        task = tasks.get(config.task)
         if fl.dry_run:
             print(memory.format_report(memory.memory_report(config, task), config))
             return

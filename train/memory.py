@@ -43,11 +43,16 @@ def memory_report(config, task, devices=None) -> dict:
     compiled, abstract, compile_s = compile_step(config, task, devices)
     stats = compiled.memory_analysis()
     report = {
-        "num_params": sum(x.size for x in jax.tree.leaves(abstract.params)),
-        "params": per_device_bytes(abstract.params),
+        "num_params": sum(x.size for x in jax.tree.leaves((abstract.params, abstract.frozen))),
+        "params": per_device_bytes((abstract.params, abstract.frozen)),
         "optimizer": per_device_bytes(abstract.opt_state),
         "compile_seconds": compile_s,
     }
+    if abstract.frozen is not None:  # LoRA: what training every weight would hold instead
+        trained = per_device_bytes(abstract.params)
+        report["trainable_params"] = sum(x.size for x in jax.tree.leaves(abstract.params))
+        # The optimizer keeps the same state per trained byte (AdamW: two moments).
+        report["full_optimizer"] = int(report["optimizer"] / max(trained, 1) * report["params"])
     for name in ("argument", "output", "temp"):
         report[name] = int(getattr(stats, f"{name}_size_in_bytes", 0) or 0)
     # The state is donated, so the outputs reuse the arguments' buffers.
@@ -66,4 +71,10 @@ def format_report(report: dict, config) -> str:
                        ("argument", "step arguments (state + batch)"),
                        ("total", "total (arguments + temp)")):
         lines.append(f"  {label:<36} {report[key] / gib:10.3f} GiB")
+    if "full_optimizer" in report:
+        saved = report["full_optimizer"] - report["optimizer"]
+        lines.append(f"LoRA: {report['trainable_params']:,} trained parameters "
+                     f"({100 * report['trainable_params'] / report['num_params']:.2f}%); "
+                     f"full fine-tuning would hold {report['full_optimizer'] / gib:.3f} GiB of "
+                     f"optimizer state per device, {saved / gib:.3f} GiB more")
     return "\n".join(lines)

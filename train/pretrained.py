@@ -455,6 +455,10 @@ def export_run(workdir: str, out_dir: str) -> dict:
     from train import tasks
 
     config, tokenizer, params, task = tasks.load_run(workdir)
+    if config.model.get("lora_rank", 0):  # a LoRA run exports as its merged weights
+        from models import lora
+        params = lora.merge(params, config.model.lora_alpha, config.model.lora_rank)
+        config.model.lora_rank = 0
     family = config.model.get("family", "gpt")
     model = task.build_model(config)
     logical = nn.get_partition_spec(jax.eval_shape(

@@ -15,14 +15,29 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from models import lora
 from train import optim, sharding
 
 
 @flax.struct.dataclass
 class TrainState:
+    """`params` are what the optimizer updates. With LoRA (config.model.lora_rank > 0) they are
+    the adapters (and any fresh task head) alone, `frozen` holds the base weights: the optimizer
+    state covers only the adapters, and checkpoints leave `frozen` out (it is loaded again from
+    config.init_from). Without LoRA `frozen` is None, an empty subtree."""
     step: jax.Array
     params: Any
     opt_state: Any
+    frozen: Any = None
+
+
+def uses_lora(config) -> bool:
+    return config.model.get("lora_rank", 0) > 0
+
+
+def full_params(params, frozen):
+    """The model's whole parameter tree: the trained params over the frozen base (if any)."""
+    return params if frozen is None else lora.combine(frozen, params)
 
 
 def make_train_step(loss_fn, tx, schedule, grad_accum_steps: int):
@@ -36,23 +51,27 @@ def make_train_step(loss_fn, tx, schedule, grad_accum_steps: int):
     optimizer state as they were (only the step count moves) and reports nonfinite = 1: its
     update would have turned every parameter into nan. The loop then stops or skips it.
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    # Gradients are taken of the trained params only; frozen base weights enter as constants.
+    grad_fn = jax.value_and_grad(
+        lambda params, frozen, batch, rng: loss_fn(full_params(params, frozen), batch, rng),
+        has_aux=True)
 
     def train_step(state, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
         if grad_accum_steps == 1:
-            (_, sums), grads = grad_fn(state.params, batch, rng)
+            (_, sums), grads = grad_fn(state.params, state.frozen, batch, rng)
         else:
             micro = jax.tree.map(
                 lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
 
             def accumulate(carry, xs):
                 i, mb = xs
-                (_, s), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                (_, s), g = grad_fn(state.params, state.frozen, mb, jax.random.fold_in(rng, i))
                 return jax.tree.map(jnp.add, carry, (g, s)), None
 
             zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-                lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng)))
+                lambda: grad_fn(state.params, state.frozen, jax.tree.map(lambda x: x[0], micro),
+                                rng)))
             (grads, sums), _ = jax.lax.scan(
                 accumulate, (zeros[1], zeros[0][1]), (jnp.arange(grad_accum_steps), micro))
         count = jnp.maximum(sums["weight_sum"], 1.0)
@@ -71,7 +90,7 @@ def make_train_step(loss_fn, tx, schedule, grad_accum_steps: int):
         sums = dict(sums, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
                     learning_rate=schedule(state.step),
                     nonfinite=1.0 - finite.astype(jnp.float32))
-        return TrainState(state.step + 1, params, opt_state), sums
+        return TrainState(state.step + 1, params, opt_state, state.frozen), sums
 
     return train_step
 
@@ -87,8 +106,10 @@ def jit_train_step(task, config, model, tx, schedule, state_shardings, batch_sha
 def create_state_fns(task, config, model, tx, mesh, rules):
     """(abstract sharded state, its shardings, jitted init_fn(rng) -> state on the mesh)."""
     def init_boxed(rng):
-        params = task.init_params(model, config, rng)
-        return TrainState(jnp.array(0, jnp.int32), params, tx.init(params))
+        params, frozen = task.init_params(model, config, rng), None
+        if uses_lora(config):  # train the adapters (and fresh heads); freeze the rest
+            params, frozen = lora.split(params, getattr(task.module, "FRESH_HEADS", ()))
+        return TrainState(jnp.array(0, jnp.int32), params, tx.init(params), frozen)
 
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     shardings = sharding.logical_shardings(boxed, mesh, rules)
@@ -110,6 +131,16 @@ class Setup:
     state_shardings: TrainState
     init_fn: Callable  # rng -> TrainState placed on the mesh
     batch_shard: Any
+
+    @property
+    def param_shardings(self):
+        """Shardings of the model's whole parameter tree (full_params)."""
+        return full_params(self.state_shardings.params, self.state_shardings.frozen)
+
+    @property
+    def base_params(self):
+        """Abstract params a pretrained checkpoint fills: the frozen base with LoRA, else all."""
+        return self.abstract.params if self.abstract.frozen is None else self.abstract.frozen
 
     def jit_train_step(self, task, config):
         return jit_train_step(task, config, self.model, self.tx, self.schedule,

@@ -7,7 +7,7 @@ import pytest
 from train import config as config_lib
 from train.config import ConfigError
 
-EXPERIMENTS = ("gpt", "bert", "bert_classify", "bert_squad", "transformer")
+EXPERIMENTS = ("gpt", "bert", "bert_classify", "bert_squad", "transformer", "gpt_sft")
 
 
 def _presets():

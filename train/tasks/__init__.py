@@ -8,7 +8,7 @@ import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
-NAMES = ("lm", "mlm_nsp", "classify", "span_qa", "seq2seq")
+NAMES = ("lm", "mlm_nsp", "classify", "span_qa", "seq2seq", "sft")
 
 
 def _default_final_report(final: dict, info: dict) -> str:
@@ -48,6 +48,10 @@ class Task:
       test_report(test metrics, averaged) -> line for the test split      [unused if none]
       load_pretrained(config, shardings) -> params of config.init_from, placed as the
           shardings say, that replace the fresh ones      [None: init_from is refused]
+      configure(config) -> None: fills config keys that follow from others (e.g. the model
+          shape of the init_from run), before the config is validated; idempotent  [none]
+    A module may also name FRESH_HEADS: top-level parameter groups a LoRA run trains
+    alongside the adapters (heads the base checkpoint lacks).
     """
     name: str
     build_model: Callable[..., Any]
@@ -63,13 +67,14 @@ class Task:
     evaluate_test: Callable[..., dict] = _no_test_split
     test_report: Optional[Callable[[dict, bool], str]] = None
     load_pretrained: Optional[Callable[..., dict]] = None
+    configure: Optional[Callable[..., None]] = None
     module: Any = None  # the task module itself, for its task-specific helpers
 
 
 REQUIRED_HOOKS = ("build_model", "prepare_data", "init_params", "init_batch", "loss_fn",
                   "flops_per_token", "bench_batch")
 OPTIONAL_HOOKS = ("summarize", "final_report", "evaluate_predictions", "evaluate_test",
-                  "test_report", "load_pretrained")
+                  "test_report", "load_pretrained", "configure")
 
 
 def from_module(name: str, module) -> Task:

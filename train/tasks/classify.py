@@ -18,6 +18,7 @@ build_model = mlm_nsp.build_model
 flops_per_token = mlm_nsp.flops_per_token
 load_pretrained = mlm_nsp.load_pretrained
 init_params = mlm_nsp.init_finetune_params
+FRESH_HEADS = ("classifier",)  # trained alongside LoRA adapters: the base run has no head
 
 
 def read_examples(config):

@@ -27,6 +27,7 @@ build_model = mlm_nsp.build_model
 flops_per_token = mlm_nsp.flops_per_token
 load_pretrained = mlm_nsp.load_pretrained
 init_params = mlm_nsp.init_finetune_params
+FRESH_HEADS = ("qa_outputs",)  # trained alongside LoRA adapters: the base run has no head
 PREDICTIONS_FILE = "predictions.json"
 THRESHOLD_FILE = "null_threshold.json"
 

@@ -1,0 +1,112 @@
+"""Talks to a fine-tuned GPT run (task "sft") in its chat format, with the KV cache.
+
+  python -m experiments.chat --workdir=runs/gpt_sft --prompt="Whose son was Boaz?"
+  python -m experiments.chat --workdir=runs/gpt_sft            # a conversation on stdin
+  python -m experiments.chat --workdir=runs/gpt_sft --system="Answer with one name." \
+      --temperature=0.7 --top_k=40
+
+One --prompt gives one reply. Without it every line read from stdin is a user turn and the
+reply follows; the conversation so far stays in the prompt (its oldest turns are dropped when
+it no longer fits the context). An empty line or end of input stops. Temperature 0 (the
+default) is greedy.
+"""
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+from absl import flags, logging
+
+from data import chat
+from data.errors import DataError
+from models import gpt
+from train import checkpoint, cli, tasks
+from train.tasks import lm
+
+flags.DEFINE_string("workdir", None, "A run folder trained with experiments/gpt_sft.py.",
+                    required=True)
+flags.DEFINE_string("prompt", None, "One user message (default: read turns from stdin).")
+flags.DEFINE_string("system", "", "An optional system message before the first turn.")
+flags.DEFINE_float("temperature", 0.0, "Softmax temperature; 0 = greedy.")
+flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0 = off).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0 = off).")
+flags.DEFINE_integer("max_new_tokens", 64, "Most tokens per reply.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+FLAGS = flags.FLAGS
+cli.at_least("temperature", 0.0, " (0 = greedy)")
+cli.at_least("top_k", 0, " (0 = off)")
+cli.within("top_p", 0.0, 1.0, " (1 = off)", low_open=True)
+cli.at_least("max_new_tokens", 1)
+cli.at_least("seed", 0)
+
+
+class Chat:
+    """A conversation with a run: reply(text) appends the user turn and the model's answer."""
+
+    def __init__(self, config, tokenizer, params, *, system="", max_new_tokens=64,
+                 temperature=0.0, top_k=0, top_p=1.0, seed=0):
+        self.config, self.tokenizer, self.params = config, tokenizer, params
+        self.ids = chat.chat_token_ids(tokenizer)
+        self.turns = [("system", system)] if system else []
+        self.max_new_tokens = min(max_new_tokens, config.model.max_len - 8)
+        self.rng = jax.random.key(seed)
+        self._generate = jax.jit(functools.partial(
+            gpt.generate, lm.build_model(config, decode=True),
+            max_new_tokens=self.max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, eos_id=self.ids["end"]))
+
+    def prompt(self) -> list[int]:
+        """The tokens the reply continues, oldest turns dropped until it fits the context."""
+        room = self.config.model.max_len - self.max_new_tokens
+        turns = list(self.turns)
+        ids = chat.prompt_tokens(turns, self.tokenizer, self.ids)
+        while len(ids) > room and len(turns) > 1:
+            turns.pop(1 if turns[0][0] == "system" and len(turns) > 2 else 0)
+            ids = chat.prompt_tokens(turns, self.tokenizer, self.ids)
+        if len(ids) > room:
+            raise DataError(f"the message is {len(ids)} tokens but the model's context leaves "
+                            f"{room} for it; shorten it")
+        return ids
+
+    def reply(self, text: str) -> str:
+        self.turns.append(("user", text))
+        ids = self.prompt()
+        self.rng, rng = jax.random.split(self.rng)
+        out = jax.device_get(self._generate(self.params, jnp.asarray([ids], jnp.int32), rng))
+        row = out[0].tolist()
+        row = row[:row.index(self.ids["end"])] if self.ids["end"] in row else row
+        answer = self.tokenizer.decode(row).strip()
+        self.turns.append(("assistant", answer))
+        return answer
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only opens
+    try:
+        config, tokenizer, params, _ = tasks.load_run(FLAGS.workdir, families=("gpt",))
+        if config.task != "sft":
+            raise DataError(f"{FLAGS.workdir} is a {config.task} run without the chat format; "
+                            "fine-tune it first (experiments/gpt_sft.py), or sample plain text "
+                            "with python -m experiments.sample")
+        session = Chat(config, tokenizer, params, system=FLAGS.system,
+                       max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                       top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
+        if FLAGS.prompt is not None:
+            print(session.reply(FLAGS.prompt))
+            return
+        interactive = sys.stdin.isatty()
+        while True:
+            if interactive:
+                print("you> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line.strip():
+                break
+            answer = session.reply(line.strip())
+            print(f"model> {answer}" if interactive else answer, flush=True)
+    except (DataError, checkpoint.CheckpointMismatchError) as e:
+        cli.fail(str(e))
+
+
+if __name__ == "__main__":
+    cli.run(main)
