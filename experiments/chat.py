@@ -27,17 +27,8 @@ flags.DEFINE_string("workdir", None, "A run folder trained with experiments/gpt_
                     required=True)
 flags.DEFINE_string("prompt", None, "One user message (default: read turns from stdin).")
 flags.DEFINE_string("system", "", "An optional system message before the first turn.")
-flags.DEFINE_float("temperature", 0.0, "Softmax temperature; 0 = greedy.")
-flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0 = off).")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0 = off).")
-flags.DEFINE_integer("max_new_tokens", 64, "Most tokens per reply.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
+cli.define_sampling_flags(temperature=0.0, max_new_tokens=64, what="reply")
 FLAGS = flags.FLAGS
-cli.at_least("temperature", 0.0, " (0 = greedy)")
-cli.at_least("top_k", 0, " (0 = off)")
-cli.within("top_p", 0.0, 1.0, " (1 = off)", low_open=True)
-cli.at_least("max_new_tokens", 1)
-cli.at_least("seed", 0)
 
 
 class Chat:

@@ -83,7 +83,7 @@ def main(argv):
     width = config.model.max_len - FLAGS.max_new_tokens
     ids = prompts(train, dev, tokenizer, FLAGS.shots, width)
     end_id = tokenizer.eos_id
-    fn = sft.make_generate_fn(config, end_id, FLAGS.max_new_tokens)
+    fn = sft.make_generate_fn(params, config, end_id, FLAGS.max_new_tokens)
     outputs = sft.generate(params, ids, fn, width=width, batch_size=FLAGS.batch_size,
                            pad_id=tokenizer.pad_id or 0, end_id=end_id)
     answers = [cut_answer(tokenizer.decode(row)) for row in outputs]

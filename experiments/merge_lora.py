@@ -33,6 +33,7 @@ def merge_run(workdir: str, out: str) -> dict:
                         "plain run already")
     merged = lora.merge(params, config.model.lora_alpha, config.model.lora_rank)
     config.model.lora_rank = 0
+    config.init_from = ""  # every weight is here now; training it further needs no base
     ckpt = checkpoint.Checkpointer(workdir, async_save=False, read_only=True)
     step = ckpt.latest_step()
     data_state = ckpt.data_state(step)
@@ -50,7 +51,8 @@ def merge_run(workdir: str, out: str) -> dict:
         tokenizer.save(tmp)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json(indent=2))
-        shutil.copy(os.path.join(workdir, "metrics.jsonl"), tmp)  # the history, for compare
+        if os.path.exists(os.path.join(workdir, "metrics.jsonl")):  # the history, for compare
+            shutil.copy(os.path.join(workdir, "metrics.jsonl"), tmp)
         pretrained._commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

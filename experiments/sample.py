@@ -21,20 +21,11 @@ from train.tasks import lm
 
 flags.DEFINE_string("workdir", None, "A trained run folder.", required=True)
 flags.DEFINE_string("prompt", "", "Text to continue (empty: start of a document).")
-flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 = greedy.")
-flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0 = off).")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0 = off).")
-flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate per sample.")
+cli.define_sampling_flags(temperature=1.0, max_new_tokens=100, what="sample")
 flags.DEFINE_integer("num_samples", 1, "Samples drawn in parallel.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("show_probs", 0, "Print the N most likely next tokens after the prompt.")
 FLAGS = flags.FLAGS
-cli.at_least("temperature", 0.0, " (0 = greedy)")
-cli.at_least("top_k", 0, " (0 = off)")
-cli.within("top_p", 0.0, 1.0, " (1 = off)", low_open=True)
-cli.at_least("max_new_tokens", 1)
 cli.at_least("num_samples", 1)
-cli.at_least("seed", 0)
 cli.at_least("show_probs", 0, " (0 = off)")
 
 

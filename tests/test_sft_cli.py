@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_cli import _assert_clear_error, run, train
+from tests.test_cli import _assert_clear_error, run, train, tree_digest
 from train import checkpoint, tasks
 
 NAMES = "Abel Boaz Caleb Dan Eli Gad Hur Ira Joel Levi Mesha Nahum Obed Peleg Reu Seth".split()
@@ -127,6 +127,23 @@ def test_merged_lora_run_gives_the_same_logits(lora_run, tmp_path):
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
     again = run("experiments.merge_lora", f"--workdir={lora_run}", f"--out={out}", check=False)
     _assert_clear_error(again, "not empty")
+    # The merged run needs no base run: it trains on from its own weights and tokenizer.
+    saved = json.loads((out / "config.json").read_text())
+    files = saved["data"]
+    run("train.main", "--config=experiments/gpt_sft.py:smoke", f"--workdir={out}",
+        "--config.init_from=", f"--config.data.source={files['source']}",
+        f"--config.data.eval_source={files['eval_source']}", "--config.num_train_steps=14",
+        "--config.eval_every_steps=14",
+        f"--config.model.vocab_size={saved['model']['vocab_size']}")
+    assert _metrics(out, "eval")[-1]["step"] == 14
+
+
+def test_resuming_a_lora_run_over_another_base_is_refused(lora_run, full_run, sft_files):
+    before = tree_digest(lora_run / "checkpoints")
+    proc = sft(lora_run, full_run[0], sft_files, "--config.model.lora_rank=4",
+               "--config.opt.learning_rate=1e-2", "--config.num_train_steps=20", check=False)
+    _assert_clear_error(proc, "init_from")
+    assert tree_digest(lora_run / "checkpoints") == before
 
 
 def test_chat_answers_one_prompt_and_a_conversation_on_stdin(full_run):

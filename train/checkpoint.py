@@ -316,8 +316,11 @@ def check_resume_config(config, workdir) -> list[str]:
                 f"{path} is damaged (not JSON: {e.msg}, line {e.lineno}); restore it from a "
                 "copy, or use a new --workdir. Nothing was overwritten.") from None
     current = json.loads(config.to_json())
+    # A LoRA run's base weights are reloaded from init_from at every start: a new one would
+    # put the saved adapters over other weights.
+    keys = _RESUME_KEYS + (("init_from",) if current.get("model", {}).get("lora_rank") else ())
     fixed = {**{s: current[s] for s in _RESUME_SECTIONS if s in current},
-             **{k: current[k] for k in _RESUME_KEYS if k in current}}
+             **{k: current[k] for k in keys if k in current}}
     diffs = _differences(saved, fixed)
     if diffs:
         shown = "; ".join(f"{k}: saved {a!r} vs now {b!r}" for k, a, b in diffs[:4])

@@ -100,6 +100,21 @@ def within(name: str, low, high, why: str = "", low_open=False):
         message=f"--{name} must be in {left}{low}, {high}]{why}")
 
 
+def define_sampling_flags(temperature: float, max_new_tokens: int, what: str):
+    """--temperature, --top_k, --top_p, --max_new_tokens and --seed, with their checks: the
+    sampling settings of the generating tools (sample, chat)."""
+    flags.DEFINE_float("temperature", temperature, "Softmax temperature; 0 = greedy.")
+    flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0 = off).")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0 = off).")
+    flags.DEFINE_integer("max_new_tokens", max_new_tokens, f"Tokens to generate per {what}.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    at_least("temperature", 0.0, " (0 = greedy)")
+    at_least("top_k", 0, " (0 = off)")
+    within("top_p", 0.0, 1.0, " (1 = off)", low_open=True)
+    at_least("max_new_tokens", 1)
+    at_least("seed", 0)
+
+
 def run(main):
     """absl's app.run(main) with parse_flags."""
     app.run(main, flags_parser=parse_flags)

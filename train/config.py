@@ -47,8 +47,8 @@ def _choice(*options):
 def _lora_targets():
     from models.lora import TARGETS
     def check(v):
-        names = v.split(",") if isinstance(v, str) else None
-        return bool(names) and all(name in TARGETS for name in names)
+        names = [n.strip() for n in v.split(",") if n.strip()] if isinstance(v, str) else None
+        return names is not None and all(name in TARGETS for name in names)
     return check, f"comma-separated names from {list(TARGETS)}"
 
 
@@ -131,6 +131,13 @@ def _relations(config):
     if average > keep:
         yield (f"config.average_checkpoints={average} needs config.keep_checkpoints >= "
                f"{average} (now {keep}): raise keep_checkpoints or average fewer")
+    if m.get("lora_rank", 0) and not (m.get("lora_targets") or "").strip(", "):
+        yield ("config.model.lora_rank > 0 needs config.model.lora_targets (e.g. "
+               "query,key,value,out,wi,wo): the projections that get adapters")
+    if m.get("lora_rank", 0) and average > 1:
+        yield (f"config.average_checkpoints={average} with LoRA would average A and B "
+               "separately, which is not the mean of the models; average after "
+               "experiments.merge_lora, or set config.average_checkpoints=0")
     max_predictions, max_len = get("data.max_predictions"), get("data.max_len")
     if max_predictions and max_len and max_predictions > max_len:
         yield (f"config.data.max_predictions={max_predictions} exceeds config.data.max_len="

@@ -65,6 +65,11 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     if task.configure is not None:
         task.configure(config)
     config_lib.validate(config)
+    if step_lib.uses_lora(config) and config.get("init_from"):
+        # A LoRA run reloads its base at every start and in every tool: from anywhere.
+        base = hf_io.hf_folder(config.init_from)
+        config.init_from = (hf_io.PREFIX + os.path.abspath(base) if base is not None
+                            else os.path.abspath(config.init_from))
     config_lib.check_workdir(workdir)
     notes = checkpoint.check_resume_config(config, workdir)
     s = step_lib.build(task, config)
@@ -92,6 +97,12 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     # A LoRA run reloads its frozen base at every start: checkpoints hold only the adapters.
     if not resuming or step_lib.uses_lora(config):
         pretrained = load_base_params(config, task, s, hf_report, log=not resuming)
+    if s.abstract.frozen is not None and set(s.abstract.frozen) - set(pretrained):
+        raise ConfigError(
+            f"with LoRA every frozen weight comes from config.init_from, but "
+            f"{config.init_from} lacks {sorted(set(s.abstract.frozen) - set(pretrained))}, "
+            "which would stay at their random values; train every weight with "
+            "--config.model.lora_rank=0")
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
         if resuming:
             state, data_state = ckpt.restore(s.abstract)
@@ -292,11 +303,13 @@ def _finish(run, state, step, final):
     return final
 
 
-def restore_params(config, workdir: str, task: Task, average=None):
+def restore_params(config, workdir: str, task: Task, average=None, merge_lora=False):
     """(params, step) of the newest intact checkpoint in `workdir`, on the local devices.
 
     With `average` (default: the run's config.average_checkpoints) above 1, the params are
-    the mean of the last `average` checkpoints, as at the end of its training.
+    the mean of the last `average` checkpoints, as at the end of its training. A LoRA run
+    gives its adapters over its base's weights, or with `merge_lora` the merged weights
+    (what a model with lora_rank=0 takes: a run fine-tuned from it).
     """
     ckpt = checkpoint.Checkpointer(workdir, async_save=False, read_only=True)
     if ckpt.latest_step() is None:
@@ -320,4 +333,7 @@ def restore_params(config, workdir: str, task: Task, average=None):
                 f"the base weights of {workdir} (config.init_from={config.init_from}) lack "
                 f"{sorted(missing)}; the base run must hold every frozen parameter")
         params = step_lib.full_params(params, base)
+        if merge_lora:
+            from models import lora
+            params = lora.merge(params, config.model.lora_alpha, config.model.lora_rank)
     return params, step

@@ -417,6 +417,10 @@ def import_run(directory: str, workdir: str, config) -> dict:
     from data import tokenizer as tok
     from train import checkpoint, config as config_lib, step as step_lib, tasks
 
+    if config.model.get("lora_rank", 0):
+        raise config_lib.ConfigError(
+            "an import writes the checkpoint's own weights; leave config.model.lora_rank at 0 "
+            "(add adapters when fine-tuning the run)")
     config.init_from = PREFIX + os.path.abspath(directory)
     configure(config)
     config_lib.validate(config)

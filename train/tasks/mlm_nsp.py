@@ -225,6 +225,7 @@ def load_pretrained(config, shardings) -> dict:
     """
     pre_config = check_pretrained(config)
     # The pretraining run is restored read-only on its own terms (its heads included).
-    pretrained, _ = loop.restore_params(pre_config, config.init_from, tasks.get("mlm_nsp"))
+    pretrained, _ = loop.restore_params(pre_config, config.init_from, tasks.get("mlm_nsp"),
+                                        merge_lora=True)
     encoder = {k: v for k, v in pretrained.items() if k not in bert.PRETRAINING_HEADS}
     return jax.device_put(encoder, {k: shardings[k] for k in encoder})

@@ -21,10 +21,11 @@ import tempfile
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from data import chat, sources, tokenizer as tok
 from data.errors import DataError
-from models import gpt, lora
+from models import gpt
 from train import checkpoint, multihost, pretrained
 from train.config import ConfigError
 from train.tasks import lm
@@ -100,7 +101,11 @@ def _conversations(config):
 def load_tokenizer(config, workdir, train):
     """The run's tokenizer with the chat tokens: the base run's, extended once and saved in
     the workdir (or one trained on the conversations when there is no base run)."""
-    if config.init_from:
+    own = [name for name in (tok.MODEL_FILE, tok.HF_DIR)
+           if os.path.exists(os.path.join(workdir, name))]
+    if own:  # resuming, or a run folder made by experiments.merge_lora: already extended
+        pass
+    elif config.init_from:
         base_tokenizer = tok.load_run_tokenizer(config.init_from)
         name = tok.MODEL_FILE if isinstance(base_tokenizer, tok.Tokenizer) else tok.HF_DIR
         os.makedirs(workdir, exist_ok=True)
@@ -110,10 +115,12 @@ def load_tokenizer(config, workdir, train):
         path = os.path.join(workdir, tok.MODEL_FILE)
         texts = [content for conv in train for _, content in conv.turns]
 
-        def train_and_extend():
-            tok.train_tokenizer(texts, path, config.model.vocab_size - len(chat.CHAT_TOKENS),
+        def train_and_extend():  # tokenizer.model appears only once it has the chat tokens
+            plain = path + ".plain"
+            tok.train_tokenizer(texts, plain, config.model.vocab_size - len(chat.CHAT_TOKENS),
                                 config.data.tokenizer_type)
-            chat.add_chat_tokens(tok.load_tokenizer(path), workdir)
+            chat.add_chat_tokens(tok.load_tokenizer(plain), workdir)
+            os.remove(plain)
 
         os.makedirs(workdir, exist_ok=True)
         multihost.write_once(path, train_and_extend)
@@ -173,9 +180,8 @@ def load_pretrained(config, shardings) -> dict:
     placed as `shardings` says."""
     from train import loop, tasks
     base, base_tokenizer = _base(config)
-    params, _ = loop.restore_params(base, config.init_from, tasks.get(base.task))
-    if base.model.get("lora_rank", 0):
-        params = lora.merge(params, base.model.lora_alpha, base.model.lora_rank)
+    params, _ = loop.restore_params(base, config.init_from, tasks.get(base.task),
+                                    merge_lora=True)
     params = jax.device_get(params)
     table = np.asarray(params["wte"]["embedding"])
     rows = gpt.GPTConfig.from_config(config.model).table_size
@@ -188,19 +194,25 @@ def load_pretrained(config, shardings) -> dict:
         grown[new_id] = table[source_ids].mean(axis=0)
     params["wte"] = dict(params["wte"], embedding=grown)
     params = {k: v for k, v in params.items() if k in shardings}
+    # In this run's param_dtype (a bf16 base for an fp32 run, or the other way round).
+    dtype = jax.numpy.dtype(config.model.param_dtype)
+    params = jax.tree.map(lambda x: np.asarray(x, dtype), params)
     return jax.device_put(params, {k: shardings[k] for k in params})
 
 
 # ---- evaluation by generation -----------------------------------------------------------------
 
-def make_generate_fn(config, end_id, max_new_tokens, temperature=0.0):
+def make_generate_fn(params, config, end_id, max_new_tokens, temperature=0.0):
     """jitted (params, prompt_BP, valid_BP, rng) -> B,max_new_tokens ids: greedy at
-    temperature 0, each row continued until `end_id`."""
+    temperature 0, each row continued until `end_id`; replicated, so every process (of a
+    multi-host run) can read them."""
     fn = functools.partial(gpt.generate, build_model(config, decode=True),
                            max_new_tokens=max_new_tokens, temperature=temperature,
                            eos_id=end_id)
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
     return jax.jit(lambda params, prompt, valid, rng: fn(params, prompt, rng,
-                                                          prompt_valid_BP=valid))
+                                                          prompt_valid_BP=valid),
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def generate(params, prompts, generate_fn, *, width, batch_size, pad_id, end_id, seed=0):
@@ -225,7 +237,7 @@ def evaluate_predictions(params, data, config, workdir) -> dict:
         return {}
     d, end_id, tokenizer = config.data, data["chat_ids"]["end"], data["tokenizer"]
     if "generate_fn" not in data:
-        data["generate_fn"] = make_generate_fn(config, end_id, d.max_new_tokens,
+        data["generate_fn"] = make_generate_fn(params, config, end_id, d.max_new_tokens,
                                                d.eval_temperature)
     prompts, references, questions = zip(*data["dev_prompts"])
     outputs = generate(params, list(prompts), data["generate_fn"],
