@@ -15,7 +15,11 @@ rendered examples and the packing figures without training.
 
 Variants: smoke (tests: a from-scratch model, seconds), tiny (the CPU demo, from gpt_tiny).
 The model's shape always follows config.init_from's run (train/tasks/sft.py configure).
-Measured results: README "GPT fine-tuning".
+
+Measured (2-core CPU, 2026-12-02, from the `make demo` runs/gpt_tiny, 600 steps): dev exact
+match on the 149 held-out questions 14.8% with full fine-tuning (1m22s), 12.8% with LoRA rank 8
+at lr 5e-3 (73,728 trained parameters, 1m54s), against 0.0% for the base model with 0, 1 or 3
+plain-text shots (experiments.few_shot). README "GPT fine-tuning (SFT) and LoRA" has the rest.
 """
 import ml_collections
 

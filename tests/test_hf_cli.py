@@ -138,3 +138,36 @@ def test_bad_import_and_export_are_one_error_and_write_nothing(gpt2_folder, tmp_
     assert tree_digest(taken) == before
     _assert_clear_error(run("experiments.hf", f"--workdir={tmp_path / 'imp'}", check=False),
                         "exactly one of")
+
+
+def test_sft_with_lora_from_an_imported_gpt2_uses_its_tokenizer(gpt2_folder, tmp_path):
+    """The chat tokens go into the imported run's Hugging Face tokenizer; their rows fill the
+    padded part of GPT-2's table, starting at the mean of the rows "User:" etc. use."""
+    from data import chat, tokenizer as tok
+    from tests.test_sft_cli import write_sft_files
+    from train import tasks
+    imported, workdir = tmp_path / "imported", tmp_path / "sft"
+    run("experiments.hf", f"--import_from={gpt2_folder}", f"--workdir={imported}",
+        "--config=experiments/gpt.py:smoke")
+    files = write_sft_files(tmp_path, n_train=40, n_dev=8)
+    run("train.main", "--config=experiments/gpt_sft.py:smoke", f"--workdir={workdir}",
+        f"--config.init_from={imported}", f"--config.data.source={files[0]}",
+        f"--config.data.eval_source={files[1]}", "--config.model.lora_rank=4",
+        "--config.num_train_steps=4", "--config.eval_every_steps=4")
+    tokenizer = tok.load_run_tokenizer(str(workdir))
+    base_tokenizer = tok.load_run_tokenizer(str(imported))
+    ids = chat.chat_token_ids(tokenizer)
+    assert (workdir / tok.HF_DIR).is_dir()
+    assert sorted(ids.values()) == list(range(base_tokenizer.vocab_size,
+                                              base_tokenizer.vocab_size + 4))
+    _, _, base, _ = tasks.load_run(str(imported))
+    _, _, params, _ = tasks.load_run(str(workdir))
+    table, base_table = (np.asarray(p["wte"]["embedding"]) for p in (params, base))
+    assert table.shape == base_table.shape == (384, 32)
+    user = base_tokenizer.encode("User:")
+    np.testing.assert_allclose(table[ids["user"]], base_table[user].mean(axis=0), atol=1e-6)
+    np.testing.assert_array_equal(table[:base_tokenizer.vocab_size],
+                                  base_table[:base_tokenizer.vocab_size])
+    reply = run("experiments.chat", f"--workdir={workdir}", "--prompt=Whose son was Abel?",
+                "--max_new_tokens=4")
+    assert reply.returncode == 0
