@@ -239,3 +239,13 @@ def test_attention_maps_for_bert(pretrained, tmp_path):
         f"--out={tmp_path}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["self_layer_0.png",
                                                            "self_layer_1.png"]
+
+
+def test_lora_over_a_base_that_lacks_some_frozen_weights_is_refused(pretrained, corpus_file,
+                                                                    tmp_path):
+    """Continued pretraining with LoRA from a run folder: its MLM/NSP heads are not carried
+    over, so they would stay frozen at random values. One error, naming them."""
+    proc = pretrain(tmp_path / "run", corpus_file, f"--config.init_from={pretrained}",
+                    "--config.model.lora_rank=4", check=False)
+    _assert_clear_error(proc, "lora_rank=0", "mlm_bias")
+    assert not (tmp_path / "run" / "checkpoints").exists()

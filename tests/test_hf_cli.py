@@ -171,3 +171,10 @@ def test_sft_with_lora_from_an_imported_gpt2_uses_its_tokenizer(gpt2_folder, tmp
     reply = run("experiments.chat", f"--workdir={workdir}", "--prompt=Whose son was Abel?",
                 "--max_new_tokens=4")
     assert reply.returncode == 0
+
+
+def test_an_import_with_lora_is_refused(gpt2_folder, tmp_path):
+    proc = run("experiments.hf", f"--import_from={gpt2_folder}", f"--workdir={tmp_path / 'r'}",
+               "--config=experiments/gpt.py:smoke", "--config.model.lora_rank=4", check=False)
+    _assert_clear_error(proc, "lora_rank at 0")
+    assert not (tmp_path / "r").exists()

@@ -86,6 +86,17 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
                           "train every weight with --config.model.lora_rank=0")
     os.makedirs(workdir, exist_ok=True)
     data = task.prepare_data(config, workdir)
+    pretrained = None
+    if step_lib.uses_lora(config):
+        # A LoRA run reloads its frozen base at every start: checkpoints hold only adapters.
+        # Checked before the checkpoint folder exists, so a refusal leaves none behind.
+        pretrained = load_base_params(config, task, s, hf_report, log=not has_checkpoint)
+        lacking = sorted(set(s.abstract.frozen) - set(pretrained))
+        if lacking:
+            raise ConfigError(
+                f"with LoRA every frozen weight comes from config.init_from, but "
+                f"{config.init_from} lacks {lacking}, which would stay at their random values; "
+                "train every weight with --config.model.lora_rank=0")
     ckpt = checkpoint.Checkpointer(workdir, save_every_steps=config.checkpoint_every_steps,
                                    keep=config.keep_checkpoints)
     train_iter = lm_data.make_iterator(
@@ -93,22 +104,14 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
         process_index=jax.process_index(), process_count=jax.process_count())
     rng = jax.random.key(config.seed)
     resuming = ckpt.latest_step() is not None
-    pretrained = {}
-    # A LoRA run reloads its frozen base at every start: checkpoints hold only the adapters.
-    if not resuming or step_lib.uses_lora(config):
-        pretrained = load_base_params(config, task, s, hf_report, log=not resuming)
-    if s.abstract.frozen is not None and set(s.abstract.frozen) - set(pretrained):
-        raise ConfigError(
-            f"with LoRA every frozen weight comes from config.init_from, but "
-            f"{config.init_from} lacks {sorted(set(s.abstract.frozen) - set(pretrained))}, "
-            "which would stay at their random values; train every weight with "
-            "--config.model.lora_rank=0")
+    if pretrained is None:
+        pretrained = {} if resuming else load_base_params(config, task, s, hf_report, log=True)
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
         if resuming:
             state, data_state = ckpt.restore(s.abstract)
             train_iter.set_state(data_state)
-            if s.abstract.frozen is not None:
-                state = state.replace(frozen=s.init_fn(jax.random.fold_in(rng, 0)).frozen)
+            if s.abstract.frozen is not None:  # every frozen weight comes from the base
+                state = state.replace(frozen={k: pretrained[k] for k in s.abstract.frozen})
         else:
             state = s.init_fn(jax.random.fold_in(rng, 0))
         if state.frozen is not None:
