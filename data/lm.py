@@ -97,7 +97,7 @@ def make_iterator(
             f"batch_size {batch_size} is not a positive multiple of the {process_count} "
             "processes; pick a batch_size divisible by the process count"
         )
-    n_rows = len(rows["inputs"])
+    n_rows = num_rows(rows)
     if n_rows == 0:
         raise DataError("no rows to iterate over; add text or lower --config.data.max_len")
     # Eval rounds up to whole global batches; slots past n_rows are padding rows.
@@ -119,22 +119,37 @@ def make_iterator(
     return iter(ds.to_iter_dataset(read_options))
 
 
-def _gather(rows: dict[str, np.ndarray], local: slice,
-            indices: np.ndarray) -> dict[str, np.ndarray]:
-    """The rows at indices[local]; indices past the end give all-zero padding rows (weight 0)."""
+def num_rows(rows) -> int:
+    """Rows of a dict of arrays, or of a lazy row source (data/prepared.py: len() and take())."""
+    return len(rows) if hasattr(rows, "take") else len(rows["inputs"])
+
+
+def _gather(rows, local: slice, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows at indices[local]; indices past the end give all-zero padding rows (weight 0).
+
+    rows is a dict of arrays, or a lazy source whose take(indices) reads just those rows (so
+    each process reads only its own slice of the global batch)."""
     indices = np.asarray(indices)[local]
-    padding = indices >= len(rows["inputs"])
+    padding = indices >= num_rows(rows)
     safe = np.where(padding, 0, indices)
-    batch = {}
-    for name, array in rows.items():
-        batch[name] = array[safe]  # fancy indexing copies, so zeroing below is safe
-        batch[name][padding] = 0
+    if hasattr(rows, "take"):
+        batch = rows.take(safe)
+    else:  # fancy indexing copies, so zeroing below is safe
+        batch = {name: array[safe] for name, array in rows.items()}
+    for array in batch.values():
+        array[padding] = 0
     return batch
 
 
 def unigram_cross_entropy(train_tokens, eval_targets, eval_weights, vocab_size: int) -> float:
     """Nats per eval token of an add-one-smoothed unigram model of train_tokens (a bar to beat)."""
     counts = np.bincount(np.asarray(train_tokens).ravel(), minlength=vocab_size)[:vocab_size]
+    return unigram_loss_from_counts(counts, eval_targets, eval_weights, vocab_size)
+
+
+def unigram_loss_from_counts(counts, eval_targets, eval_weights, vocab_size: int) -> float:
+    """unigram_cross_entropy with the training token counts given (prepared data stores them)."""
+    counts = np.asarray(counts, np.float64)[:vocab_size]
     log_probs = np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)
     weights = np.asarray(eval_weights, np.float64).ravel()
     if weights.sum() <= 0:

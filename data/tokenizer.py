@@ -14,6 +14,7 @@ import io
 import os
 import pathlib
 import tempfile
+import time
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -231,13 +232,35 @@ def _training_sentences(texts: Iterable[str]) -> Iterator[str]:
                 yield " ".join(words)
 
 
+def sample_sentences(texts: Iterable[str], max_sentences: int, seed: int) -> tuple[list, int]:
+    """(sentences, how many there were): all of them in order, or when there are more than
+    max_sentences a uniform sample of that many (reservoir sampling, seeded), in corpus order,
+    so a corpus of any size is read streaming with bounded memory."""
+    if max_sentences < 1:
+        raise DataError(f"tokenizer_max_sentences must be >= 1, got {max_sentences}")
+    rng = np.random.default_rng(seed)
+    kept, seen = [], 0
+    for sentence in _training_sentences(texts):
+        if seen < max_sentences:
+            kept.append((seen, sentence))
+        else:
+            j = int(rng.integers(0, seen + 1))
+            if j < max_sentences:
+                kept[j] = (seen, sentence)
+        seen += 1
+    return [s for _, s in sorted(kept)], seen
+
+
 def train_tokenizer(
-    texts: Iterable[str], path: str, vocab_size: int, model_type: str = "bpe"
+    texts: Iterable[str], path: str, vocab_size: int, model_type: str = "bpe", *,
+    max_sentences: int = _MAX_TRAINING_SENTENCES, seed: int = 0,
 ) -> Tokenizer:
-    """Trains a tokenizer on texts, writes it to path atomically and returns it."""
+    """Trains a tokenizer on texts (a seeded sample of max_sentences lines of a larger
+    corpus), writes it to path atomically and returns it."""
     if model_type not in MODEL_TYPES:
         raise DataError(f"unknown tokenizer model_type {model_type!r}; use one of {MODEL_TYPES}")
-    sentences = list(_training_sentences(texts))
+    start = time.perf_counter()
+    sentences, total = sample_sentences(texts, max_sentences, seed)
     if not sentences:
         raise DataError("cannot train a tokenizer on an empty corpus; check the data source")
     # Sampling of large corpora is random; a fixed seed makes the same corpus give the same model.
@@ -263,7 +286,7 @@ def train_tokenizer(
             bos_id=BOS_ID,
             eos_id=EOS_ID,
             user_defined_symbols=list(BERT_SYMBOLS),
-            input_sentence_size=_MAX_TRAINING_SENTENCES,
+            input_sentence_size=max_sentences,
             shuffle_input_sentence=True,
             num_threads=2,
             minloglevel=2,
@@ -275,6 +298,11 @@ def train_tokenizer(
             "raise --config.data.vocab_size"
         ) from e
     _write_atomic(path, model.getvalue())
+    if total > 100_000:  # worth a line: large corpora take minutes
+        sample = (f"{len(sentences):,} of {total:,} lines (seed {seed})"
+                  if total > len(sentences) else f"{total:,} lines")
+        print(f"tokenizer: trained {model_type} on {sample} in "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
     return Tokenizer(str(path), model.getvalue())
 
 

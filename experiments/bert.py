@@ -46,8 +46,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         # LoRA (models/lora.py): rank 0 = off; rank > 0 trains adapters over init_from's weights.
         lora_rank=0, lora_alpha=16.0, lora_targets="query,key,value,out,wi,wo"))
     c.data = ml_collections.ConfigDict(dict(
-        source="bible", text_field="text", bible_version="4", eval_fraction=0.05,
-        cache_dir="", tokenizer_type="bpe", max_len=seq_len, max_predictions=max_predictions,
+        # source: "bible", a glob of .txt / .jsonl[.gz|.zst] / .parquet files, or prepared:DIR
+        # (python -m experiments.prepare). eval_source: a separate eval corpus ("" = every
+        # k-th document of source, eval_fraction of them).
+        source="bible", eval_source="", text_field="text", bible_version="4",
+        eval_fraction=0.05, cache_dir="", tokenizer_type="bpe",
+        # A larger corpus trains the tokenizer on a seeded sample of this many lines.
+        tokenizer_max_sentences=2_000_000,
+        max_len=seq_len, max_predictions=max_predictions,
         mask_prob=0.15, whole_word=False, short_seq_prob=0.1, dupe_factor=5))
     c.opt = ml_collections.ConfigDict(dict(
         learning_rate=1e-4, schedule="linear", warmup_steps=10_000, end_lr_fraction=0.0,

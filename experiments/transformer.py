@@ -48,7 +48,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         ln_epsilon=1e-5, pad_id=0, vocab_multiple=1))
     c.data = ml_collections.ConfigDict(dict(
         source="bible", eval_source="", test_source="", source_version="4", target_version="l",
-        cache_dir="", tokenizer_type="bpe", max_len=max_len, pack=True,
+        cache_dir="", tokenizer_type="bpe", tokenizer_max_sentences=2_000_000,
+        max_len=max_len, pack=True,
         num_synthetic=20000, eval_sentences=200))
     c.decode = ml_collections.ConfigDict(dict(beam_size=4, alpha=0.6))
     c.opt = ml_collections.ConfigDict(dict(

@@ -92,6 +92,7 @@ RULES = {
     "data.short_seq_prob": _number(0, 1),
     "data.holdout_fraction": _number(0, 1, high_open=True),
     "data.tokenizer_type": _choice(*TOKENIZERS),
+    "data.tokenizer_max_sentences": POSITIVE,
     "data.eval_generations": NON_NEGATIVE + ("(0: every dev conversation)",),
     "data.max_new_tokens": POSITIVE, "data.eval_temperature": _number(0, math.inf),
     "decode.beam_size": POSITIVE, "decode.alpha": _number(-math.inf, math.inf),

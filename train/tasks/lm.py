@@ -12,7 +12,7 @@ import numpy as np
 
 
 from data import lm as lm_data
-from data import sources, tokenizer as tok
+from data import prepared, sources, tokenizer as tok
 from data.errors import DataError
 from models import gpt
 from train import losses, multihost, pretrained
@@ -40,11 +40,20 @@ def load_or_train_tokenizer(config, workdir, train_docs):
                             "new workdir")
         # Copied once into workdir/hf_tokenizer/ (atomically), so the run folder keeps it.
         multihost.write_once(hf_path, lambda: tok.load_hf_tokenizer(hf_dir).save(workdir))
+    data_dir = prepared.prepared_dir(config.data.source)
+    if data_dir is not None and prepared.tokenizer_files(workdir) is None:
+        # Prepared data brings its tokenizer: copied into the run folder once.
+        name = prepared.tokenizer_files(data_dir)
+        if name is None:
+            raise DataError(f"{data_dir} holds no tokenizer; prepare the data again")
+        multihost.write_once(os.path.join(workdir, name),
+                             lambda: tok.load_run_tokenizer(data_dir).save(workdir))
     if os.path.isdir(hf_path):
         return tok.load_hf_tokenizer(hf_path)
     # Trained by process 0 alone: the others would write the same file at the same time.
     multihost.write_once(path, lambda: tok.train_tokenizer(
-        train_docs, path, config.model.vocab_size, config.data.tokenizer_type))
+        train_docs, path, config.model.vocab_size, config.data.tokenizer_type,
+        max_sentences=config.data.get("tokenizer_max_sentences", 2_000_000), seed=config.seed))
     return tok.load_tokenizer(path)
 
 
@@ -55,9 +64,12 @@ def prepare_data(config, workdir) -> dict:
         raise DataError(f"config.data.max_len={d.max_len} exceeds the model context "
                         f"config.model.max_len={config.model.max_len}; lower one or raise "
                         "the other")
+    if prepared.prepared_dir(d.source) is not None:
+        return _prepared_data(config, workdir)
     train_docs, eval_docs = sources.load_corpus(
         d.source, text_field=d.text_field, bible_version=d.bible_version,
-        eval_fraction=d.eval_fraction, cache_dir=d.cache_dir or None)
+        eval_fraction=d.eval_fraction, cache_dir=d.cache_dir or None,
+        eval_source=d.get("eval_source", ""))
     tokenizer = load_or_train_tokenizer(config, workdir, train_docs)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise DataError(f"tokenizer in {workdir} has {tokenizer.vocab_size} pieces but "
@@ -74,6 +86,35 @@ def prepare_data(config, workdir) -> dict:
         "info": {"train_tokens": int(train_tokens.size), "eval_tokens": int(eval_tokens.size),
                  "unigram_eval_loss": float(baseline)},
     }
+
+
+def open_prepared(config, workdir, task: str):
+    """(DIR, manifest, tokenizer) of prepared data, all checked against the run."""
+    directory, manifest = prepared.open_for_run(config, task)
+    tokenizer = load_or_train_tokenizer(config, workdir, None)
+    prepared.check_tokenizer(manifest, tokenizer, workdir, directory)
+    return directory, manifest, tokenizer
+
+
+# Figures over the eval split (the unigram baseline) read at most this many prepared rows: all
+# of any eval split held in memory today, a bounded read of a huge one.
+EVAL_FIGURE_ROWS = 65_536
+
+
+def _prepared_data(config, workdir) -> dict:
+    """prepare_data for data.source=prepared:DIR: rows read from the shards per batch."""
+    directory, manifest, tokenizer = open_prepared(config, workdir, "lm")
+    max_len, vocab = config.data.max_len, config.model.vocab_size
+    train_rows = prepared.split_rows(directory, manifest, "train", max_len)
+    eval_rows = prepared.split_rows(directory, manifest, "eval", max_len)
+    head = prepared.rows_as_arrays(eval_rows, EVAL_FIGURE_ROWS)
+    baseline = lm_data.unigram_loss_from_counts(prepared.unigram_counts(directory, vocab),
+                                                head["targets"], head["weights"], vocab)
+    splits = manifest["splits"]
+    return {"train_rows": train_rows, "eval_rows": eval_rows, "tokenizer": tokenizer,
+            "info": {"train_tokens": splits["train"]["tokens"],
+                     "eval_tokens": splits["eval"]["tokens"], "unigram_eval_loss": baseline,
+                     "prepared": directory}}
 
 
 def loss_fn(params, batch, rng, *, model, train):

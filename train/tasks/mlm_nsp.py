@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from data import bert_pretrain, sources
+from data import bert_pretrain, prepared, sources
 from data import tokenizer as tok
 from data import lm as lm_data
 from data.errors import DataError
@@ -45,9 +45,12 @@ def prepare_data(config, workdir) -> dict:
     """Sentence-pair rows with static masks, train and held-out eval, and the tokenizer."""
     d = config.data
     check_lengths(config)
+    if prepared.prepared_dir(d.source) is not None:
+        return _prepared_data(config, workdir)
     train_docs, eval_docs = sources.load_corpus(
         d.source, text_field=d.text_field, bible_version=d.bible_version,
-        eval_fraction=d.eval_fraction, cache_dir=d.cache_dir or None)
+        eval_fraction=d.eval_fraction, cache_dir=d.cache_dir or None,
+        eval_source=d.get("eval_source", ""))
     tokenizer = lm.load_or_train_tokenizer(config, workdir, train_docs)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise DataError(f"tokenizer in {workdir} has {tokenizer.vocab_size} pieces but "
@@ -64,12 +67,28 @@ def prepare_data(config, workdir) -> dict:
     train_tokens, _ = lm_data.tokenize_documents(train_docs, tokenizer)
     unigram = lm_data.unigram_cross_entropy(train_tokens, eval_rows["mlm_targets"],
                                             eval_rows["mlm_weights"], config.model.vocab_size)
-    not_next = float(np.mean(eval_rows["nsp_labels"]))
+    return _data(train_rows, eval_rows, eval_rows, tokenizer, unigram)
+
+
+def _data(train_rows, eval_rows, eval_head, tokenizer, unigram) -> dict:
+    not_next = float(np.mean(eval_head["nsp_labels"]))
     return {"train_rows": train_rows, "eval_rows": eval_rows, "tokenizer": tokenizer,
-            "info": {"train_rows": len(train_rows["inputs"]),
-                     "eval_rows": len(eval_rows["inputs"]), "unigram_eval_loss": unigram,
+            "info": {"train_rows": lm_data.num_rows(train_rows),
+                     "eval_rows": lm_data.num_rows(eval_rows), "unigram_eval_loss": unigram,
                      # Short documents give more NotNext pairs, so 0.5 is not the NSP floor.
                      "nsp_majority_eval": max(not_next, 1.0 - not_next)}}
+
+
+def _prepared_data(config, workdir) -> dict:
+    """prepare_data for data.source=prepared:DIR: the stored rows, read per batch."""
+    directory, manifest, tokenizer = lm.open_prepared(config, workdir, "mlm_nsp")
+    train_rows = prepared.split_rows(directory, manifest, "train", config.data.max_len)
+    eval_rows = prepared.split_rows(directory, manifest, "eval", config.data.max_len)
+    head = prepared.rows_as_arrays(eval_rows, lm.EVAL_FIGURE_ROWS)
+    unigram = lm_data.unigram_loss_from_counts(
+        prepared.unigram_counts(directory, config.model.vocab_size), head["mlm_targets"],
+        head["mlm_weights"], config.model.vocab_size)
+    return _data(train_rows, eval_rows, head, tokenizer, unigram)
 
 
 def loss_fn(params, batch, rng, *, model, train):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data import sources, translation
+from data import prepared, sources, translation
 from data.errors import DataError
 from models import transformer as tf
 from train import losses
@@ -54,6 +54,8 @@ def prepare_data(config, workdir) -> dict:
     if d.max_len > config.model.max_len:
         raise DataError(f"config.data.max_len={d.max_len} exceeds config.model.max_len="
                         f"{config.model.max_len}; lower one or raise the other")
+    if prepared.prepared_dir(d.source) is not None:
+        return _prepared_data(config, workdir)
     train_pairs, dev_pairs, test_pairs = read_pairs(config)
     tokenizer = lm.load_or_train_tokenizer(
         config, workdir, [s for pair in train_pairs for s in pair])
@@ -67,6 +69,24 @@ def prepare_data(config, workdir) -> dict:
         "test_pairs": test_pairs,
         "info": {"train_pairs": len(src), "dropped_as_too_long": dropped,
                  "dev_pairs": len(dev_src), "test_pairs": len(test_pairs)},
+    }
+
+
+def _prepared_data(config, workdir) -> dict:
+    """prepare_data for data.source=prepared:DIR: stored rows; dev and test pairs for BLEU."""
+    directory, manifest, tokenizer = lm.open_prepared(config, workdir, "seq2seq")
+    pairs = prepared.read_pairs(directory)
+    splits = manifest["splits"]
+    return {
+        "train_rows": prepared.split_rows(directory, manifest, "train", config.data.max_len),
+        "eval_rows": prepared.split_rows(directory, manifest, "eval", config.data.max_len),
+        "tokenizer": tokenizer,
+        "bleu_pairs": pairs["dev"][:config.data.eval_sentences],
+        "test_pairs": pairs["test"],
+        "info": {"train_pairs": splits["train"]["docs"] - splits["train"]["dropped_as_too_long"],
+                 "dropped_as_too_long": splits["train"]["dropped_as_too_long"],
+                 "dev_pairs": splits["eval"]["docs"] - splits["eval"]["dropped_as_too_long"],
+                 "test_pairs": len(pairs["test"]), "prepared": directory},
     }
 
 
