@@ -149,10 +149,19 @@ def unigram_cross_entropy(train_tokens, eval_targets, eval_weights, vocab_size: 
 
 def unigram_loss_from_counts(counts, eval_targets, eval_weights, vocab_size: int) -> float:
     """unigram_cross_entropy with the training token counts given (prepared data stores them)."""
+    return unigram_loss_over_chunks(counts, [(eval_targets, eval_weights)], vocab_size)
+
+
+def unigram_loss_over_chunks(counts, chunks, vocab_size: int) -> float:
+    """The same over (targets, weights) chunks of the eval split, summed as they come (so a
+    large eval split is never in memory at once)."""
     counts = np.asarray(counts, np.float64)[:vocab_size]
     log_probs = np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)
-    weights = np.asarray(eval_weights, np.float64).ravel()
-    if weights.sum() <= 0:
+    nll_sum = weight_sum = 0.0
+    for targets, weights in chunks:
+        weights = np.asarray(weights, np.float64).ravel()
+        nll_sum += float((-log_probs[np.asarray(targets).ravel()] * weights).sum())
+        weight_sum += float(weights.sum())
+    if weight_sum <= 0:
         raise DataError("the eval split has no target tokens; add eval text or lower max_len")
-    nll = -log_probs[np.asarray(eval_targets).ravel()]
-    return float((nll * weights).sum() / weights.sum())
+    return nll_sum / weight_sum

@@ -239,6 +239,13 @@ class ShardRows:
         return out
 
 
+def row_chunks(rows, limit: int, chunk: int = 4096):
+    """The first `limit` rows of a StreamRows / ShardRows as dicts of at most `chunk` rows."""
+    n = min(limit, len(rows))
+    for start in range(0, n, chunk):
+        yield rows.take(np.arange(start, min(n, start + chunk)))
+
+
 def rows_as_arrays(rows, limit: int | None = None) -> dict[str, np.ndarray]:
     """The first `limit` rows (all when None) of a StreamRows / ShardRows as in-memory arrays."""
     n = len(rows) if limit is None else min(limit, len(rows))

@@ -13,6 +13,7 @@ import bisect
 import io
 import os
 import pathlib
+import random
 import tempfile
 import time
 from typing import Iterable, Iterator
@@ -238,13 +239,13 @@ def sample_sentences(texts: Iterable[str], max_sentences: int, seed: int) -> tup
     so a corpus of any size is read streaming with bounded memory."""
     if max_sentences < 1:
         raise DataError(f"tokenizer_max_sentences must be >= 1, got {max_sentences}")
-    rng = np.random.default_rng(seed)
+    rng = random.Random(seed)  # a scalar draw per line: far cheaper than numpy's
     kept, seen = [], 0
     for sentence in _training_sentences(texts):
         if seen < max_sentences:
             kept.append((seen, sentence))
         else:
-            j = int(rng.integers(0, seen + 1))
+            j = rng.randrange(seen + 1)
             if j < max_sentences:
                 kept[j] = (seen, sentence)
         seen += 1
@@ -298,7 +299,7 @@ def train_tokenizer(
             "raise --config.data.vocab_size"
         ) from e
     _write_atomic(path, model.getvalue())
-    if total > 100_000:  # worth a line: large corpora take minutes
+    if total > len(sentences) or total > 100_000:  # a sample, or minutes of training: say so
         sample = (f"{len(sentences):,} of {total:,} lines (seed {seed})"
                   if total > len(sentences) else f"{total:,} lines")
         print(f"tokenizer: trained {model_type} on {sample} in "

@@ -36,10 +36,15 @@ def _lines(path: str) -> list[str]:
     return lines
 
 
-def _tsv_pairs(path: str) -> list[tuple[str, str]]:
-    """(source, target) of each non-blank line of a source<TAB>target file."""
-    pairs = []
-    for line_number, line in enumerate(_lines(path), start=1):
+def iter_tsv_pairs(path: str):
+    """(source, target) of each non-blank line of a source<TAB>target file, read streaming
+    (a TSV of any size; .gz / .zst too), stripped; a pair with a blank side is skipped."""
+    if not os.path.isfile(path):
+        raise DataError(f"parallel text file {path} does not exist; check the path")
+    for line_number, line in enumerate(sources._lines_utf8(path), start=1):
+        # Only "\n" ends a line: str.splitlines() would also break at U+2028, U+0085 and form
+        # feeds, which can occur inside a sentence.
+        line = line.removesuffix("\n").removesuffix("\r")
         if not line.strip():
             continue
         fields = line.split("\t")
@@ -49,14 +54,15 @@ def _tsv_pairs(path: str) -> list[tuple[str, str]]:
                 "tabs; replace tabs inside the text with spaces, or give the source and target "
                 "as two line-aligned files"
             )
-        pairs.append((fields[0], fields[1]))
-    return pairs
+        source, target = fields[0].strip(), fields[1].strip()
+        if source and target:
+            yield source, target
 
 
 def read_parallel(source: str, target: str | None = None) -> list[tuple[str, str]]:
     """(source, target) pairs from one TSV (target=None) or two line-aligned UTF-8 files."""
     if target is None:
-        pairs, where = _tsv_pairs(source), source
+        pairs, where = list(iter_tsv_pairs(source)), source
     else:
         source_lines, target_lines = _lines(source), _lines(target)
         if len(source_lines) != len(target_lines):

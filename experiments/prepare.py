@@ -29,14 +29,19 @@ from data import lm as lm_data
 from data import tokenizer as tok
 from data.errors import DataError
 
-config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/gpt.py:tiny",
-                                lock_config=True)
-flags.DEFINE_string("out", None, "Directory for the shards and the manifest.")
-flags.DEFINE_integer("docs_per_shard", 20_000, "Documents (or sentence pairs) per chunk; each "
-                     "chunk gives one train and one eval shard.")
-flags.DEFINE_integer("workers", os.cpu_count() or 1, "Tokenizing processes (1: this one).")
-flags.DEFINE_string("tokenizer_from", "", "A run folder whose tokenizer to use instead of "
-                    "training one.")
+
+def define_flags() -> None:
+    """The command's flags, defined when it runs (tests import this module beside others that
+    define --config and --out)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. "
+                                    "experiments/gpt.py:tiny", lock_config=True)
+    flags.DEFINE_string("out", None, "Directory for the shards and the manifest.")
+    flags.DEFINE_integer("docs_per_shard", 20_000, "Documents (or sentence pairs) per chunk; "
+                         "each chunk gives one train and one eval shard.")
+    flags.DEFINE_integer("workers", os.cpu_count() or 1, "Tokenizing processes (1: this one).")
+    flags.DEFINE_string("tokenizer_from", "", "A run folder whose tokenizer to use instead of "
+                        "training one.")
+
 
 _worker_tokenizer = None  # set in each worker by _init_worker
 
@@ -136,11 +141,18 @@ def documents(config):
 
 def pairs(config):
     """(is_eval, (source, target)) of a translation corpus: train pairs, then the dev pairs;
-    and (dev pairs, test pairs), which are small and kept for BLEU."""
+    their count when known; and (dev pairs, test pairs), which are small and kept for BLEU.
+    A user's training TSV is read streaming."""
     from train.tasks import seq2seq
-    train, dev, test = seq2seq.read_pairs(config)
-    return itertools.chain(((False, p) for p in train), ((True, p) for p in dev)), \
-        len(train) + len(dev), (dev, test)
+    d = config.data
+    if d.source in translation.SYNTHETIC_TASKS or sources.bible_db(d.source, d.cache_dir or None):
+        train, dev, test = seq2seq.read_pairs(config)
+        return itertools.chain(((False, p) for p in train), ((True, p) for p in dev)), \
+            len(train) + len(dev), (dev, test)
+    dev, test = seq2seq.read_pairs(config, train=False)[1:]
+    train = translation.iter_tsv_pairs(d.source)
+    return itertools.chain(((False, p) for p in train), ((True, p) for p in dev)), None, \
+        (dev, test)
 
 
 def _chunks(items, size: int, first: int):
@@ -331,4 +343,5 @@ def main(argv):
 
 if __name__ == "__main__":
     from train import cli
+    define_flags()
     cli.run(main)

@@ -247,3 +247,28 @@ def test_translate_checks_the_run_before_reading_stdin(tmp_path):
                            f"--workdir={tmp_path}"], cwd=ROOT, input="", capture_output=True,
                           text=True, timeout=300)
     _assert_clear_error(proc, "not a run folder")
+
+
+def test_prepare_then_train_on_prepared_data(corpus_file, tmp_path):
+    """The two commands of a large corpus: prepare (2 worker processes), then train from it;
+    a second prepare is a no-op; bad prepare arguments are one-line errors."""
+    out = tmp_path / "prepared"
+    args = ("--config=experiments/gpt.py:smoke", f"--config.data.source={corpus_file}",
+            f"--out={out}", "--docs_per_shard=10")
+    first = run("experiments.prepare", *args, "--workers=2")
+    assert "Train with --config.data.source=prepared:" in first.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["splits"]["train"]["shards"]) >= 3
+    before = tree_digest(out)
+    again = run("experiments.prepare", *args, "--workers=1")
+    assert again.stdout == first.stdout and tree_digest(out) == before
+    train(tmp_path / "run", f"prepared:{out}", "--config.num_train_steps=4",
+          "--config.eval_every_steps=4")
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert any(m.get("split") == "eval" and m["step"] == 4 for m in metrics)
+    _assert_clear_error(run("experiments.prepare", *args[:2], check=False), "--out=DIR")
+    _assert_clear_error(run("experiments.prepare", *args, "--workers=0", check=False),
+                        "--workers must be >= 1")
+    _assert_clear_error(run("experiments.prepare", *args[:2], f"--out={out}",
+                            "--docs_per_shard=5", check=False), "prepared with other settings")
+    assert tree_digest(out) == before

@@ -157,6 +157,31 @@ def test_translation_prepared_rows_equal_the_in_memory_ones(tmp_path):
     assert from_disk["test_pairs"] == memory["test_pairs"]
 
 
+def test_translation_from_user_tsv_files_streamed(tmp_path):
+    """A user's TSV (read streaming by prepare) gives the in-memory rows in one chunk, and
+    every pair in several."""
+    from data import translation
+    seq2seq = tasks.get("seq2seq")
+    for name, n, seed in (("train.tsv", 300, 0), ("dev.tsv", 40, 1)):
+        pairs = translation.synthetic_pairs("reverse", n, seed=seed)
+        (tmp_path / name).write_text("".join(f"{a}\t{b}\n" for a, b in pairs), "utf-8")
+
+    def config(source):
+        c = transformer_exp.get_config("smoke")
+        c.data.source, c.data.eval_source = source, str(tmp_path / "dev.tsv")
+        return c
+    prep.prepare(config(str(tmp_path / "train.tsv")), str(tmp_path / "one"))
+    memory = seq2seq.prepare_data(config(str(tmp_path / "train.tsv")), str(tmp_path / "m"))
+    from_disk = seq2seq.prepare_data(config("prepared:" + str(tmp_path / "one")),
+                                     str(tmp_path / "d"))
+    for split in ("train_rows", "eval_rows"):
+        _assert_same_batches([memory[split]], [prepared.rows_as_arrays(from_disk[split])])
+    manifest = prep.prepare(config(str(tmp_path / "train.tsv")), str(tmp_path / "many"),
+                            docs_per_shard=64)
+    assert len(manifest["splits"]["train"]["shards"]) == 6  # 300 train + 40 dev pairs
+    assert manifest["splits"]["train"]["docs"] == 300 and manifest["splits"]["eval"]["docs"] == 40
+
+
 def test_bad_prepared_data_is_one_clear_error_and_leaves_the_shards(gpt_data, tmp_path):
     config, out, _ = gpt_data
     before = tree_digest(out)
@@ -202,6 +227,12 @@ def test_a_corpus_without_text_is_refused(tmp_path):
     empty.write_text("\n \n\n", encoding="utf-8")
     with pytest.raises(DataError, match="empty corpus"):
         prep.prepare(smoke_config(empty), str(tmp_path / "out"))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"content": ["some text"] * 3}), tmp_path / "c.parquet")
+    with pytest.raises(DataError, match="has no column 'text'.*data.text_field"):
+        prep.prepare(smoke_config(tmp_path / "c.parquet"), str(tmp_path / "out3"))
+    assert not os.path.exists(tmp_path / "out3" / prepared.MANIFEST)
     with pytest.raises(DataError, match="supports the tasks"):
         config = smoke_config(empty)
         config.task = "sft"

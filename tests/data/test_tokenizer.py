@@ -96,3 +96,34 @@ def test_load_rejects_a_model_with_other_special_ids(tmp_path):
     path.write_bytes(model.getvalue())
     with pytest.raises(DataError, match="not trained by this codebase"):
         tok.load_tokenizer(str(path))
+
+
+def test_sentence_sample_is_seeded_bounded_uniform_and_in_corpus_order():
+    texts = [f"line {i}" for i in range(1000)]
+    small, seen = tok.sample_sentences(texts, 2000, seed=0)
+    assert small == texts and seen == 1000  # below the cap: everything, in order
+    a, seen = tok.sample_sentences(iter(texts), 100, seed=0)  # a stream, read once
+    assert seen == 1000 and len(a) == 100 == len(set(a))
+    assert a == sorted(a, key=lambda s: int(s.split()[1]))  # corpus order kept
+    assert tok.sample_sentences(texts, 100, seed=0)[0] == a
+    assert tok.sample_sentences(texts, 100, seed=1)[0] != a
+    # Uniform: over many seeds every line is kept with probability 100 / 1000.
+    hits = [0] * 1000
+    for seed in range(200):
+        for s in tok.sample_sentences(texts, 100, seed=seed)[0]:
+            hits[int(s.split()[1])] += 1
+    first, last = sum(hits[:500]) / 200, sum(hits[500:]) / 200
+    assert abs(first - 50) < 3 and abs(last - 50) < 3
+    with pytest.raises(DataError, match="tokenizer_max_sentences must be >= 1"):
+        tok.sample_sentences(texts, 0, seed=0)
+
+
+def test_tokenizer_trained_on_a_sample_reports_its_time(tmp_path, capsys):
+    texts = make_texts(n=3000)
+    model = tok.train_tokenizer(texts, str(tmp_path / "t.model"), vocab_size=400,
+                                max_sentences=500, seed=3)
+    again = tok.train_tokenizer(texts, str(tmp_path / "u.model"), vocab_size=400,
+                                max_sentences=500, seed=3)
+    assert [model.id_to_piece(i) for i in range(400)] == [again.id_to_piece(i)
+                                                            for i in range(400)]
+    assert "500 of 3,000 lines" in capsys.readouterr().out

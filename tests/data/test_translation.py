@@ -300,3 +300,19 @@ def test_sacrebleu_score_uses_13a_tokenization():
     score = translation.sacrebleu_score(["the cat sat on the mat"],
                                         ["the cat sat on the mat today"])
     assert score == pytest.approx(100 * math.exp(1 - 7 / 6))
+
+
+def test_tsv_pairs_stream_from_compressed_files(tmp_path):
+    import gzip
+    text = "\ufeffIn the beginning\tAu commencement\r\n\n  \t x\nGod said\tDieu dit\n"
+    (tmp_path / "p.tsv").write_text(text, encoding="utf-8")
+    with gzip.open(tmp_path / "p.tsv.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    expected = [("In the beginning", "Au commencement"), ("God said", "Dieu dit")]
+    for name in ("p.tsv", "p.tsv.gz"):
+        pairs = translation.iter_tsv_pairs(str(tmp_path / name))
+        assert next(pairs) == expected[0]  # lazy: one line read at a time
+        assert [expected[0], *pairs] == expected
+    (tmp_path / "bad.tsv").write_text("a\tb\nc\td\te\n")
+    with pytest.raises(DataError, match=r"bad.tsv:2: expected source<TAB>target, found 2 tabs"):
+        list(translation.iter_tsv_pairs(str(tmp_path / "bad.tsv")))

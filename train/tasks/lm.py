@@ -40,7 +40,7 @@ def load_or_train_tokenizer(config, workdir, train_docs):
                             "new workdir")
         # Copied once into workdir/hf_tokenizer/ (atomically), so the run folder keeps it.
         multihost.write_once(hf_path, lambda: tok.load_hf_tokenizer(hf_dir).save(workdir))
-    data_dir = prepared.prepared_dir(config.data.source)
+    data_dir = prepared.prepared_dir(config.data.get("source", ""))
     if data_dir is not None and prepared.tokenizer_files(workdir) is None:
         # Prepared data brings its tokenizer: copied into the run folder once.
         name = prepared.tokenizer_files(data_dir)
@@ -96,8 +96,8 @@ def open_prepared(config, workdir, task: str):
     return directory, manifest, tokenizer
 
 
-# Figures over the eval split (the unigram baseline) read at most this many prepared rows: all
-# of any eval split held in memory today, a bounded read of a huge one.
+# Figures over the eval split (the unigram baseline) read at most this many prepared rows, a
+# few thousand at a time: all of any eval split that fits in memory, a bounded read of a huge one.
 EVAL_FIGURE_ROWS = 65_536
 
 
@@ -107,9 +107,10 @@ def _prepared_data(config, workdir) -> dict:
     max_len, vocab = config.data.max_len, config.model.vocab_size
     train_rows = prepared.split_rows(directory, manifest, "train", max_len)
     eval_rows = prepared.split_rows(directory, manifest, "eval", max_len)
-    head = prepared.rows_as_arrays(eval_rows, EVAL_FIGURE_ROWS)
-    baseline = lm_data.unigram_loss_from_counts(prepared.unigram_counts(directory, vocab),
-                                                head["targets"], head["weights"], vocab)
+    baseline = lm_data.unigram_loss_over_chunks(
+        prepared.unigram_counts(directory, vocab), ((b["targets"], b["weights"]) for b in
+                                                   prepared.row_chunks(eval_rows,
+                                                                       EVAL_FIGURE_ROWS)), vocab)
     splits = manifest["splits"]
     return {"train_rows": train_rows, "eval_rows": eval_rows, "tokenizer": tokenizer,
             "info": {"train_tokens": splits["train"]["tokens"],

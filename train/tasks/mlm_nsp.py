@@ -67,11 +67,11 @@ def prepare_data(config, workdir) -> dict:
     train_tokens, _ = lm_data.tokenize_documents(train_docs, tokenizer)
     unigram = lm_data.unigram_cross_entropy(train_tokens, eval_rows["mlm_targets"],
                                             eval_rows["mlm_weights"], config.model.vocab_size)
-    return _data(train_rows, eval_rows, eval_rows, tokenizer, unigram)
+    return _data(train_rows, eval_rows, tokenizer, unigram,
+                 float(np.mean(eval_rows["nsp_labels"])))
 
 
-def _data(train_rows, eval_rows, eval_head, tokenizer, unigram) -> dict:
-    not_next = float(np.mean(eval_head["nsp_labels"]))
+def _data(train_rows, eval_rows, tokenizer, unigram, not_next) -> dict:
     return {"train_rows": train_rows, "eval_rows": eval_rows, "tokenizer": tokenizer,
             "info": {"train_rows": lm_data.num_rows(train_rows),
                      "eval_rows": lm_data.num_rows(eval_rows), "unigram_eval_loss": unigram,
@@ -84,11 +84,17 @@ def _prepared_data(config, workdir) -> dict:
     directory, manifest, tokenizer = lm.open_prepared(config, workdir, "mlm_nsp")
     train_rows = prepared.split_rows(directory, manifest, "train", config.data.max_len)
     eval_rows = prepared.split_rows(directory, manifest, "eval", config.data.max_len)
-    head = prepared.rows_as_arrays(eval_rows, lm.EVAL_FIGURE_ROWS)
-    unigram = lm_data.unigram_loss_from_counts(
-        prepared.unigram_counts(directory, config.model.vocab_size), head["mlm_targets"],
-        head["mlm_weights"], config.model.vocab_size)
-    return _data(train_rows, eval_rows, head, tokenizer, unigram)
+    labels = []  # NSP labels of the eval rows read for the figures, a few thousand at a time
+
+    def masked():
+        for b in prepared.row_chunks(eval_rows, lm.EVAL_FIGURE_ROWS):
+            labels.append(b["nsp_labels"])
+            yield b["mlm_targets"], b["mlm_weights"]
+    unigram = lm_data.unigram_loss_over_chunks(
+        prepared.unigram_counts(directory, config.model.vocab_size), masked(),
+        config.model.vocab_size)
+    return _data(train_rows, eval_rows, tokenizer, unigram,
+                 float(np.mean(np.concatenate(labels))))
 
 
 def loss_fn(params, batch, rng, *, model, train):

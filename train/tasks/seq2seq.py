@@ -29,9 +29,10 @@ def flops_per_token(config) -> float:
     return tf.flops_per_token(cfg, config.data.max_len, config.data.max_len)
 
 
-def read_pairs(config):
+def read_pairs(config, train: bool = True):
     """(train, dev, test) sentence pairs: the Bible, a synthetic task, or the user's files
-    (test only when config.data.test_source names one)."""
+    (test only when config.data.test_source names one; train None when not train: the user's
+    training file is then left unread, for a streaming reader)."""
     d = config.data
     if d.source in ("copy", "reverse"):
         make = functools.partial(translation.synthetic_pairs, d.source)
@@ -45,7 +46,8 @@ def read_pairs(config):
         raise DataError("set --config.data.eval_source to a dev TSV (source<TAB>target); the "
                         "training file is --config.data.source")
     test = translation.read_parallel(d.test_source) if d.get("test_source") else []
-    return translation.read_parallel(d.source), translation.read_parallel(d.eval_source), test
+    return (translation.read_parallel(d.source) if train else None,
+            translation.read_parallel(d.eval_source), test)
 
 
 def prepare_data(config, workdir) -> dict:
