@@ -2,7 +2,7 @@
 
 `python -m experiments.prepare --config=EXPERIMENT --out=DIR` writes DIR; a run then trains on
 it with `--config.data.source=prepared:DIR`, at any scale, with flat host memory: every shard
-is a set of .npy files opened as memory maps, and a batch reads only its own rows (each
+is a set of .npy files read by positioned reads, and a batch reads only its own rows (each
 process only its slice of the global batch, see data/lm.py make_iterator).
 
 The corpus is cut into chunks of `docs_per_shard` consecutive documents; each chunk gives one
@@ -20,6 +20,7 @@ unigram.npy (train token counts, for the unigram baseline), and split/NNNNN/<arr
 split/NNNNN.json beside each shard (written after it, atomically: a killed prepare resumes at
 the first chunk without one).
 """
+import collections
 import hashlib
 import json
 import os
@@ -144,10 +145,62 @@ def stream_arrays(docs: list[str], tokenizer, vocab_size: int) -> tuple[dict, np
     return {"tokens": tokens.astype(dtype), "doc_starts": starts}, counts
 
 
-# --- reading ------------------------------------------------------------------------------
+# --- reading ---------------------------------------------------------------------------------
+# Shards are read with positioned reads (os.pread), not memory maps: the page cache then holds
+# what was read, outside the process, and host memory (RSS) stays flat however much of a large
+# corpus a long run touches. A mapped file would count every page it faulted in (and the pages
+# around it) towards the run's RSS.
+
+class NpyFile:
+    """Random access to the rows of one .npy file (C order), read from disk on demand."""
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                          else np.lib.format.read_array_header_2_0)
+                self.shape, fortran, self.dtype = header(f)
+            except ValueError as e:
+                raise DataError(f"prepared shard file {path} cannot be read ({e}); prepare the "
+                                "data again") from None
+            if fortran or self.dtype.hasobject:
+                raise DataError(f"{path} is not a prepared shard file; prepare the data again")
+            self.offset = f.tell()
+        self.path = path
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as a new in-memory array."""
+        start, stop = max(start, 0), min(stop, len(self))
+        out = np.empty((max(stop - start, 0), *self.shape[1:]), self.dtype)
+        if out.nbytes and os.preadv(_open_fd(self.path), [memoryview(out).cast("B")],
+                                    self.offset + start * self.row_bytes) != out.nbytes:
+            raise DataError(f"prepared shard file {self.path} ends early: it was truncated "
+                            "while in use; prepare the data again, or restore the file")
+        return out
+
+
+_MAX_OPEN_FILES = 128  # a corpus of thousands of shards stays far below the fd limit
+_open_fds: "collections.OrderedDict[str, int]" = collections.OrderedDict()
+
+
+def _open_fd(path: str) -> int:
+    """A read-only descriptor of path from a small cache, least recently used closed first."""
+    if path in _open_fds:
+        _open_fds.move_to_end(path)
+        return _open_fds[path]
+    while len(_open_fds) >= _MAX_OPEN_FILES:
+        os.close(_open_fds.popitem(last=False)[1])
+    _open_fds[path] = fd = os.open(path, os.O_RDONLY)
+    return fd
+
 
 def _open_shards(directory: str, records: list[dict]) -> list[dict]:
-    """Memory maps of each shard's arrays; a missing or truncated file is a DataError."""
+    """The NpyFile of each shard's arrays; a missing or truncated file is a DataError."""
     shards = []
     for record in records:
         arrays = {}
@@ -160,16 +213,17 @@ def _open_shards(directory: str, records: list[dict]) -> list[dict]:
                 raise DataError(f"prepared shard file {path} has {os.path.getsize(path)} bytes, "
                                 f"the manifest says {meta['bytes']}: it is truncated or was "
                                 "changed; prepare the data again, or restore the file")
-            try:
-                arrays[key] = np.load(path, mmap_mode="r", allow_pickle=False)
-            except ValueError as e:
-                raise DataError(f"prepared shard file {path} cannot be read ({e}); prepare the "
-                                "data again") from None
+            arrays[key] = NpyFile(path)
             if list(arrays[key].shape) != meta["shape"]:
                 raise DataError(f"prepared shard file {path} has shape {arrays[key].shape}, the "
                                 f"manifest says {meta['shape']}; prepare the data again")
         shards.append(arrays)
     return shards
+
+
+# Every this-many-th document start of a shard is kept in memory (1/512 of the starts, 16 bytes
+# per million tokens of typical text); a span's documents are then found by reading one block.
+DOC_INDEX_STRIDE = 512
 
 
 class StreamRows:
@@ -185,11 +239,28 @@ class StreamRows:
         self.token_offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         self.doc_offsets = np.concatenate(
             [[0], np.cumsum([len(s["doc_starts"]) for s in self.shards], dtype=np.int64)])
+        self.sparse_starts = [self._sparse(s["doc_starts"]) for s in self.shards]
         self.max_len = max_len
         self.num_tokens = int(self.token_offsets[-1])
 
+    @staticmethod
+    def _sparse(starts: NpyFile) -> np.ndarray:
+        """starts[::DOC_INDEX_STRIDE], read a block at a time."""
+        block = DOC_INDEX_STRIDE * 2048
+        return np.concatenate([starts.rows(i, i + block)[::DOC_INDEX_STRIDE]
+                               for i in range(0, len(starts), block)] or [np.zeros(0, np.int64)])
+
     def __len__(self) -> int:
         return self.num_tokens // (self.max_len + 1)
+
+    def _doc_ids(self, s: int, a: int, b: int) -> np.ndarray:
+        """Global document ids of shard s's positions [a, b)."""
+        sparse, stride = self.sparse_starts[s], DOC_INDEX_STRIDE
+        first = int(np.searchsorted(sparse, a, side="right")) - 1
+        last = int(np.searchsorted(sparse, b - 1, side="right"))
+        starts = self.shards[s]["doc_starts"].rows(first * stride, last * stride)
+        local = first * stride + np.searchsorted(starts, np.arange(a, b), side="right") - 1
+        return self.doc_offsets[s] + local
 
     def _span(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens and global document ids of stream positions [start, stop)."""
@@ -198,9 +269,8 @@ class StreamRows:
         while start < stop:
             shard, offset = self.shards[s], int(self.token_offsets[s])
             a, b = start - offset, min(stop - offset, len(shard["tokens"]))
-            tokens.append(np.asarray(shard["tokens"][a:b], np.int32))
-            local = np.searchsorted(shard["doc_starts"], np.arange(a, b), side="right") - 1
-            docs.append((self.doc_offsets[s] + local).astype(np.int64))
+            tokens.append(shard["tokens"].rows(a, b).astype(np.int32))
+            docs.append(self._doc_ids(s, a, b))
             start, s = offset + b, s + 1
         return np.concatenate(tokens), np.concatenate(docs)
 
@@ -229,17 +299,16 @@ class ShardRows:
     def take(self, indices) -> dict[str, np.ndarray]:
         indices = np.asarray(indices, np.int64)
         which = np.searchsorted(self.row_offsets, indices, side="right") - 1
-        out = {key: np.empty((len(indices), *a.shape[1:]), a.dtype)
-               for key, a in self.shards[0].items()}
-        for s in np.unique(which):  # one fancy-index read per shard touched
-            mask = which == s
-            local = indices[mask] - self.row_offsets[s]
-            for key, array in self.shards[s].items():
-                out[key][mask] = array[local]
+        out = {key: np.empty((len(indices), *f.shape[1:]), f.dtype)
+               for key, f in self.shards[0].items()}
+        for n, (s, i) in enumerate(zip(which, indices)):
+            local = int(i - self.row_offsets[s])
+            for key, f in self.shards[s].items():
+                out[key][n] = f.rows(local, local + 1)[0]
         return out
 
 
-def row_chunks(rows, limit: int, chunk: int = 4096):
+def row_chunks(rows, limit: int, chunk: int = 1024):
     """The first `limit` rows of a StreamRows / ShardRows as dicts of at most `chunk` rows."""
     n = min(limit, len(rows))
     for start in range(0, n, chunk):

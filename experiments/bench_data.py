@@ -12,6 +12,8 @@ until the size is reached; written once into --out), it measures, in one run:
   3. the peak host memory (max RSS) of a short `tiny` training run on prepared data at 10 MB
      and at size_mb, and of the same run in memory (in memory at size_mb only with
      --in_memory_full, as it tokenizes the whole corpus in one loop first).
+--parts picks some of the three; results of earlier parts stay in --out/results.json.
+Measured figures: README "Large corpora".
 """
 import itertools
 import json
@@ -26,6 +28,7 @@ from absl import app, flags
 from data import lm as lm_data
 from data import prepared, sources
 from data import tokenizer as tok
+from experiments import gpt
 
 flags.DEFINE_string("out", "/tmp/bench_data", "Work directory (corpora, preparations, runs).")
 flags.DEFINE_integer("size_mb", 1024, "Size of the large corpus in MB of UTF-8 text.")
@@ -34,6 +37,8 @@ flags.DEFINE_integer("sample_mb", 32, "Text for the single-loop and HF tokenizer
 flags.DEFINE_integer("workers", os.cpu_count() or 1, "Prepare processes.")
 flags.DEFINE_integer("pipeline_batches", 400, "Batches timed for the input pipeline.")
 flags.DEFINE_bool("step", True, "Time the bench_124m training step in this run.")
+flags.DEFINE_list("parts", ["prepare", "pipeline", "memory"], "What to measure; a later part "
+                  "reuses the corpora and preparations an earlier run left in --out.")
 flags.DEFINE_bool("in_memory_full", False, "Also run the in-memory path on the large corpus.")
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,14 +85,28 @@ def run_prepare(corpus: str, out: str, tokenizer_from: str = "") -> tuple[dict, 
     return prepared.read_manifest(out), time.perf_counter() - t0
 
 
+# Run in a fresh interpreter, this starts the command from a process of a few MB and prints
+# the command's max RSS: Linux carries a process's peak RSS across exec, so a command started
+# straight from this (large) benchmark process would report this process's peak instead.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss if os.waitstatus_to_exitcode(status) == 0 else -1)
+"""
+
+
 def peak_rss_mib(args: list[str]) -> tuple[float, float]:
     """(max RSS in MiB, seconds) of a subprocess run to completion."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"{' '.join(args)} failed with status {status}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - t0
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *args], cwd=ROOT, check=True,
+                          stdout=subprocess.PIPE, text=True)
+    kib = int(proc.stdout.strip().splitlines()[-1])
+    if kib < 0:
+        raise RuntimeError(f"{' '.join(args)} failed")
+    return kib / 1024, time.perf_counter() - t0
 
 
 def train_args(source: str, workdir: str) -> list[str]:
@@ -108,20 +127,20 @@ def pipeline_throughput(directory: str, manifest: dict, batch_size: int, max_len
 
 
 def step_tokens_per_second() -> float:
-    from experiments import bench, gpt
-    config = gpt.get_config("bench_124m")
-    tps, _, _ = bench.bench_training(config, peak=1.0, verbose=False)
-    return tps
+    """Training tokens/s of the bench_124m step, as `make bench` measures it."""
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench",
+                           "--config=experiments/gpt.py:bench_124m", "--generate=False"],
+                          cwd=ROOT, check=True, capture_output=True, text=True)
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("train:"))
+    print(line, flush=True)
+    return float(line.split()[1].replace(",", ""))
 
 
-def main(argv):
-    del argv
-    os.makedirs(FLAGS.out, exist_ok=True)
-    out = lambda *p: os.path.join(FLAGS.out, *p)  # noqa: E731
+def prepare_part(small: str, large: str, out) -> dict:
+    """Prepare throughput on the large corpus, against one Python loop and HF tokenizers."""
+    for name in ("prep_small", "prep_large"):  # timed from scratch
+        subprocess.run(["rm", "-rf", out(name)], check=True)
     results = {}
-    small = write_corpus(out(f"corpus_{FLAGS.small_mb}mb.txt"), FLAGS.small_mb)
-    large = write_corpus(out(f"corpus_{FLAGS.size_mb}mb.txt"), FLAGS.size_mb)
-
     # The tokenizer is trained on the small corpus; the large one is then prepared with it,
     # so the prepare time is tokenizing; training on the large corpus is timed on its own.
     small_manifest, small_s = run_prepare(small, out("prep_small"))
@@ -148,8 +167,12 @@ def main(argv):
     hf_tokens = sum(len(e.ids) for e in encoded) + 2 * len(docs)  # + BOS / EOS, as ours
     results["hf_batch_tokens_per_s"] = hf_tokens / (time.perf_counter() - t0)
     print(json.dumps(results, indent=1), flush=True)
+    return results
 
-    from experiments import gpt
+
+def pipeline_part(out, large_manifest: dict) -> dict:
+    """Batches/s of the input pipeline alone against the bench_124m step's demand."""
+    results = {}
     shape = gpt.get_config("bench_124m")
     bps = pipeline_throughput(out("prep_large"), large_manifest, shape.batch_size,
                               shape.data.max_len)
@@ -160,7 +183,12 @@ def main(argv):
         results["pipeline_over_step"] = (results["pipeline_tokens_per_s"]
                                          / results["bench_124m_step_tokens_per_s"])
     print(json.dumps(results, indent=1), flush=True)
+    return results
 
+
+def memory_part(small: str, large: str, out) -> dict:
+    """Peak RSS of a short training run on prepared data and in memory, small and large."""
+    results = {}
     runs = [("prepared", FLAGS.small_mb, "prepared:" + out("prep_small")),
             ("prepared", FLAGS.size_mb, "prepared:" + out("prep_large")),
             ("in memory", FLAGS.small_mb, small)]
@@ -173,6 +201,27 @@ def main(argv):
         results[f"peak_rss_mib {how} {mb}MB"] = rss
         results[f"run_s {how} {mb}MB"] = seconds
         print(f"{how:>9} {mb:>5} MB: peak RSS {rss:,.0f} MiB, {seconds:.0f} s", flush=True)
+    return results
+
+
+def main(argv):
+    del argv
+    os.makedirs(FLAGS.out, exist_ok=True)
+    out = lambda *p: os.path.join(FLAGS.out, *p)  # noqa: E731
+    results = {}
+    if os.path.exists(out("results.json")):  # parts measured before, kept unless measured again
+        with open(out("results.json"), encoding="utf-8") as f:
+            results = json.load(f)
+    small = write_corpus(out(f"corpus_{FLAGS.small_mb}mb.txt"), FLAGS.small_mb)
+    large = write_corpus(out(f"corpus_{FLAGS.size_mb}mb.txt"), FLAGS.size_mb)
+
+    if "prepare" in FLAGS.parts:
+        results.update(prepare_part(small, large, out))
+    large_manifest = prepared.read_manifest(out("prep_large"))
+    if "pipeline" in FLAGS.parts:
+        results.update(pipeline_part(out, large_manifest))
+    if "memory" in FLAGS.parts:
+        results.update(memory_part(small, large, out))
     with open(out("results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     print(json.dumps(results, indent=1))

@@ -43,18 +43,20 @@ def define_flags() -> None:
                         "training one.")
 
 
-_worker_tokenizer = None  # set in each worker by _init_worker
+_worker = {}  # the tokenizer, loaded in each worker by _init_worker
+# Language-modelling documents per tokenizing job: far fewer than a shard, so every worker stays
+# busy to the end; a shard is its jobs' tokens joined (the same bytes for any worker count).
+PIECE_DOCS = 1000
 
 
 def _init_worker(directory: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = tok.load_run_tokenizer(directory)
+    _worker["tokenizer"] = tok.load_run_tokenizer(directory)
 
 
 def build_chunk(job):
     """(split, chunk, arrays, record extras, unigram counts or None) of one chunk's items."""
     task, split, chunk, items, s = job
-    tokenizer = _worker_tokenizer
+    tokenizer = _worker["tokenizer"]
     if task == "lm":
         arrays, counts = prepared.stream_arrays(items, tokenizer, s["vocab_size"])
         return split, chunk, arrays, {"docs": len(items), "tokens": len(arrays["tokens"])}, \
@@ -206,10 +208,13 @@ def _tokenizer(config, out: str, tokenizer_from: str, train_texts):
 
 
 def prepare(config, out: str, *, docs_per_shard: int = 20_000, workers: int = 1,
-            tokenizer_from: str = "", stop_after_chunks: int | None = None) -> dict:
+            tokenizer_from: str = "", stop_after_chunks: int | None = None,
+            piece_docs: int = PIECE_DOCS) -> dict:
     """Writes (or completes) the preparation of config's corpus in `out`; returns the manifest.
 
-    stop_after_chunks stops early as a kill would (tests of resuming)."""
+    stop_after_chunks stops early as a kill would (tests of resuming); piece_docs is the size of
+    a tokenizing job. With workers > 1 from a script of your own, call it under
+    `if __name__ == "__main__":` (the workers are spawned, so they import that script)."""
     if config.task not in prepared.LAYOUTS:
         raise DataError(f"config.task={config.task!r} reads its data in memory; prepare "
                         f"supports the tasks {sorted(prepared.LAYOUTS)}")
@@ -253,27 +258,56 @@ def prepare(config, out: str, *, docs_per_shard: int = 20_000, workers: int = 1,
         for chunk, train_items, eval_items in _chunks(items, docs_per_shard, done):
             if stop_after_chunks is not None and chunk - done >= stop_after_chunks:
                 return
-            yield config.task, "train", chunk, train_items, settings
-            yield config.task, "eval", chunk, eval_items, settings
+            for split, group in (("train", train_items), ("eval", eval_items)):
+                # Rows layouts are built from the whole chunk (NSP pairs, packing): one job.
+                step = piece_docs if config.task == "lm" else max(len(group), 1)
+                for start in range(0, max(len(group), 1), step):
+                    yield config.task, split, chunk, group[start:start + step], settings
 
-    progress = tqdm.tqdm(total=total, initial=min(done * docs_per_shard, total or 0),
-                         unit="doc", desc="preparing", disable=not sys.stderr.isatty())
-    tokens = 0
-    for split, chunk, arrays, extra, counts in _ordered_map(build_chunk, jobs(), workers, out):
+    def write(pieces):
+        split, chunk, arrays, extra, counts = _join_pieces(pieces)
         os.makedirs(os.path.join(out, split), exist_ok=True)
         if counts is not None:  # before the shard's record, which marks it done
             np.save(os.path.join(out, prepared.shard_name(split, chunk) + ".unigram.npy"),
                     counts.astype(np.int64))
         prepared.write_shard(out, split, chunk, arrays, extra)
-        tokens += extra.get("tokens", 0)
-        progress.update(extra["docs"])
-        progress.set_postfix(tok_per_s=f"{tokens / max(time.time() - start, 1e-9):,.0f}")
+
+    progress = tqdm.tqdm(total=total, initial=min(done * docs_per_shard, total or 0),
+                         unit="doc", desc="preparing", disable=not sys.stderr.isatty())
+    tokens = 0
+
+    def counted(results):  # the progress bar moves with every job
+        nonlocal tokens
+        for piece in results:
+            tokens += piece[3].get("tokens", 0)
+            progress.update(piece[3]["docs"])
+            progress.set_postfix(tok_per_s=f"{tokens / max(time.time() - start, 1e-9):,.0f}")
+            yield piece
+
+    # A shard is written once its last job is back (jobs come back in order).
+    for _, pieces in itertools.groupby(counted(_ordered_map(build_chunk, jobs(), workers, out)),
+                                       key=lambda piece: piece[:2]):
+        write(list(pieces))
     progress.close()
     if stop_after_chunks is not None:
         return {}
     manifest = _finish(out, settings, files, tokenizer, time.time() - start,
                        (dev, test) if is_translation else None)
     return manifest
+
+
+def _join_pieces(pieces):
+    """One shard's (split, chunk, arrays, extras, counts) from its jobs' results, in order."""
+    if len(pieces) == 1:
+        return pieces[0]
+    split, chunk = pieces[0][:2]
+    lengths = np.cumsum([0] + [len(p[2]["tokens"]) for p in pieces[:-1]])
+    arrays = {"tokens": np.concatenate([p[2]["tokens"] for p in pieces]),
+              "doc_starts": np.concatenate([p[2]["doc_starts"] + offset
+                                            for p, offset in zip(pieces, lengths)])}
+    extra = {key: sum(p[3][key] for p in pieces) for key in pieces[0][3]}
+    counts = None if pieces[0][4] is None else sum(p[4] for p in pieces)
+    return split, chunk, arrays, extra, counts
 
 
 def _check_same(old: dict, new: dict, out: str) -> None:

@@ -76,6 +76,30 @@ def test_gpt_prepared_batches_equal_the_in_memory_ones(gpt_data, tmp_path):
     assert other["train_rows"].take([0])["inputs"].shape == (1, 16)
 
 
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_document_index_blocks_give_the_same_rows(gpt_data, tmp_path, monkeypatch, stride):
+    """Rows found through the sparse document index equal the in-memory rows whatever its
+    stride (the default 512 exceeds a test shard's documents: one block)."""
+    config, out, manifest = gpt_data
+    memory = lm.prepare_data(config, str(tmp_path / "memory"))["train_rows"]
+    monkeypatch.setattr(prepared, "DOC_INDEX_STRIDE", stride)
+    rows = prepared.split_rows(out, manifest, "train", config.data.max_len)
+    assert len(rows.sparse_starts[0]) > 1
+    _assert_same_batches([memory], [prepared.rows_as_arrays(rows)])
+
+
+def test_reading_maps_no_shard_into_memory(gpt_data):
+    """Shards are read by positioned reads: nothing of them is mapped into the process, so
+    what a run reads stays in the page cache, not in its resident memory."""
+    config, out, manifest = gpt_data
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs Linux /proc")
+    rows = prepared.split_rows(out, manifest, "train", config.data.max_len)
+    rows.take(np.arange(len(rows)))
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        assert not [line for line in f if out in line]
+
+
 def test_two_processes_read_disjoint_slices_covering_the_global_batch(gpt_data):
     config, out, manifest = gpt_data
     rows = prepared.StreamRows(out, manifest["splits"]["train"]["shards"], config.data.max_len)
@@ -109,9 +133,10 @@ def test_parallel_and_killed_prepares_give_the_same_shards(corpus_file, gpt_data
     prep.prepare(config, killed, docs_per_shard=7, stop_after_chunks=3)
     assert not os.path.exists(os.path.join(killed, prepared.MANIFEST))
     assert len(prepared.done_shards(killed, "train")) == 3
-    # A shard left half-written (no record) is redone; two worker processes finish it.
+    # A shard left half-written (no record) is redone; two worker processes finish it, each
+    # shard from jobs of 2 documents joined.
     os.makedirs(os.path.join(killed, "train/00003.partial"))
-    manifest = prep.prepare(config, killed, docs_per_shard=7, workers=2)
+    manifest = prep.prepare(config, killed, docs_per_shard=7, workers=2, piece_docs=2)
     assert _digests(killed) == reference
     assert manifest["splits"] == json.load(open(os.path.join(out, prepared.MANIFEST)))["splits"]
     before = tree_digest(killed)
