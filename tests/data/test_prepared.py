@@ -100,6 +100,28 @@ def test_reading_maps_no_shard_into_memory(gpt_data):
         assert not [line for line in f if out in line]
 
 
+def test_a_separate_eval_file_is_the_whole_eval_split(corpus_file, tmp_path):
+    """data.eval_source: every training document trains, all of the eval file evaluates, in
+    memory and prepared alike."""
+    eval_file = write_corpus(tmp_path / "held_out.txt", num_docs=30, seed=5)
+    config = smoke_config(corpus_file, **{"data.eval_source": str(eval_file)})
+    memory = lm.prepare_data(config, str(tmp_path / "memory"))
+    manifest = prep.prepare(config, str(tmp_path / "data"), docs_per_shard=50)
+    assert manifest["splits"]["train"]["docs"] == 120 and manifest["splits"]["eval"]["docs"] == 30
+    from_disk = lm.prepare_data(smoke_config("prepared:" + str(tmp_path / "data")),
+                                str(tmp_path / "disk"))
+    _assert_same_batches([memory["eval_rows"]], [prepared.rows_as_arrays(from_disk["eval_rows"])])
+    from data import sources
+    tokenizer = memory["tokenizer"]
+    count = lambda path: sum(len(tokenizer.encode(d)) + 2  # noqa: E731 (BOS, EOS)
+                             for d in sources.read_documents(str(path)))
+    assert memory["info"]["eval_tokens"] == from_disk["info"]["eval_tokens"] == count(eval_file)
+    assert memory["info"]["train_tokens"] == from_disk["info"]["train_tokens"] == \
+        count(corpus_file)
+    _assert_same_batches(_batches(memory["train_rows"], config, 4),
+                         _batches(from_disk["train_rows"], config, 4))
+
+
 def test_two_processes_read_disjoint_slices_covering_the_global_batch(gpt_data):
     config, out, manifest = gpt_data
     rows = prepared.StreamRows(out, manifest["splits"]["train"]["shards"], config.data.max_len)
