@@ -121,7 +121,7 @@ def make_iterator(
 
 def num_rows(rows) -> int:
     """Rows of a dict of arrays, or of a lazy row source (data/prepared.py: len() and take())."""
-    return len(rows) if hasattr(rows, "take") else len(rows["inputs"])
+    return len(rows) if hasattr(rows, "take") else len(next(iter(rows.values())))
 
 
 def _gather(rows, local: slice, indices: np.ndarray) -> dict[str, np.ndarray]:

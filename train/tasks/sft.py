@@ -178,6 +178,13 @@ def new_token_rows(base_tokenizer) -> dict:
 def load_pretrained(config, shardings) -> dict:
     """The base run's weights (a LoRA base merged), the token table grown for the chat tokens,
     placed as `shardings` says."""
+    params = {k: v for k, v in base_params(config).items() if k in shardings}
+    return jax.device_put(params, {k: shardings[k] for k in params})
+
+
+def base_params(config) -> dict:
+    """The base run's weights as numpy arrays in this run's param_dtype (a LoRA base merged),
+    the token table grown for the chat tokens: the model this run starts from."""
     from train import loop, tasks
     base, base_tokenizer = _base(config)
     params, _ = loop.restore_params(base, config.init_from, tasks.get(base.task),
@@ -193,11 +200,9 @@ def load_pretrained(config, shardings) -> dict:
     for new_id, source_ids in new_token_rows(base_tokenizer).items():
         grown[new_id] = table[source_ids].mean(axis=0)
     params["wte"] = dict(params["wte"], embedding=grown)
-    params = {k: v for k, v in params.items() if k in shardings}
     # In this run's param_dtype (a bf16 base for an fp32 run, or the other way round).
     dtype = jax.numpy.dtype(config.model.param_dtype)
-    params = jax.tree.map(lambda x: np.asarray(x, dtype), params)
-    return jax.device_put(params, {k: shardings[k] for k in params})
+    return jax.tree.map(lambda x: np.asarray(x, dtype), params)
 
 
 # ---- evaluation by generation -----------------------------------------------------------------

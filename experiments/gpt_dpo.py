@@ -1,0 +1,45 @@
+"""Direct preference optimisation of a GPT run (task "dpo", train/tasks/dpo.py).
+
+Commands (the CPU demo, after experiments/gpt_sft.py:tiny has fine-tuned runs/gpt_sft):
+  python -m train.main --config=experiments/gpt_dpo.py:tiny --workdir=runs/gpt_dpo
+  python -m train.main --config=experiments/gpt_dpo.py:tiny --workdir=runs/gpt_dpo_lora \
+      --config.model.lora_rank=8 --config.opt.learning_rate=1e-3
+  python -m train.main --config=experiments/gpt_dpo.py:tiny --workdir=runs/gpt_ipo \
+      --config.dpo.loss_type=ipo
+
+The default pairs are the genealogy questions of the SFT demo (data/preferences.py
+bible_pairs): the right name is chosen, a plausible wrong one (the answer of another question
+of the same kind) rejected. Your own pairs: --config.data.source=train.jsonl
+--config.data.eval_source=dev.jsonl, lines {"prompt", "chosen", "rejected"} (and "system").
+The reference is the init_from run: its log-probabilities precomputed once, or with LoRA the
+same weights with the adapters off (config.dpo.reference).
+
+Variants: smoke (tests, seconds; init_from is set by the test), tiny (from runs/gpt_sft).
+"""
+import ml_collections
+
+from experiments import gpt
+
+PRESETS = ("smoke", "tiny")
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    if arg not in PRESETS:
+        raise ValueError(f"unknown GPT DPO variant {arg!r}; choose smoke or tiny")
+    c = gpt.get_config(arg)
+    c.task = "dpo"
+    c.init_from = "runs/gpt_sft" if arg == "tiny" else ""  # a GPT run folder (SFT)
+    c.model.dropout_rate = 0.0  # the policy must equal the reference at step 0
+    c.data = ml_collections.ConfigDict(dict(
+        source="bible", eval_source="", bible_version="4", cache_dir="", tokenizer_type="bpe",
+        max_len=c.model.max_len))
+    # beta 0.1 as in Rafailov et al. 2023 (sec. 6); loss "sigmoid" (DPO) or "ipo".
+    c.dpo = ml_collections.ConfigDict(dict(beta=0.1, loss_type="sigmoid", reference="auto"))
+    c.opt.update(learning_rate=1e-4, warmup_steps=20, weight_decay=0.0)
+    if arg == "smoke":
+        c.model.max_len = c.data.max_len = 64
+    else:  # tiny
+        c.batch_size = c.eval_batch_size = 16
+        c.num_train_steps, c.eval_every_steps, c.log_every_steps = 300, 100, 25
+        c.checkpoint_every_steps, c.num_eval_steps = 100, 0
+    return c
