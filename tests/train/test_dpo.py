@@ -53,6 +53,7 @@ def dpo_config(base, **overrides):
     c.num_train_steps, c.eval_every_steps, c.log_every_steps = 8, 4, 2
     c.checkpoint_every_steps, c.batch_size, c.eval_batch_size = 100, 8, 8
     c.opt.learning_rate, c.opt.warmup_steps = 3e-3, 0
+    c.data.eval_generations, c.data.max_new_tokens = 2, 2
     for key, value in overrides.items():
         section = c
         *parents, leaf = key.split(".")
@@ -178,6 +179,8 @@ def test_a_run_learns_the_preferences_and_resumes_exactly(base, tmp_path, lora):
     # The training pairs are learnt (the 10-step base is too weak to generalise to dev).
     assert trains[-1]["margin"] > 0.005 and trains[-1]["loss"] < math.log(2) - 0.002
     assert trains[-1]["accuracy"] > 0.5
+    assert 0 <= evals[-1]["exact_match"] <= 100  # dev answers generated at every eval
+    assert len((full / "eval_generations.jsonl").read_text().splitlines()) == 2
     if lora:
         # The in-step reference (adapters off) is the base: its log-probabilities are those
         # a precomputed reference gives, while the policy's have moved.

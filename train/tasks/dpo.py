@@ -15,7 +15,8 @@ The reference is the model the run starts from (config.init_from, usually an SFT
 At step 0 the policy is the reference, so h = 0 and the loss is log 2 on every pair.
 Logged: loss, accuracy (share of pairs with h > 0), reward_chosen / reward_rejected (beta times
 the log-ratio of each response), margin (their difference), the policy's log-probabilities and
-the reference's.
+the reference's; at each eval also greedy answers to the dev prompts, exact match and F1
+against the chosen response (as sft, workdir/eval_generations.jsonl).
 """
 import dataclasses
 import hashlib
@@ -25,8 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data import chat, preferences, sources
-from data.errors import DataError
+from data import chat, preferences
 from models import gpt
 from train import losses, metrics
 from train.config import ConfigError
@@ -38,6 +38,7 @@ REFERENCE_FILE = "reference_logps.npz"
 FRESH_HEADS = ()
 init_params = lm.init_params
 load_pretrained = sft.load_pretrained
+evaluate_predictions = sft.evaluate_predictions  # greedy dev answers: exact match and F1
 SIDES = ("chosen", "rejected")
 
 
@@ -100,35 +101,27 @@ def flops_per_token(config) -> float:
     return both * (4 / 3 if reference_mode(config) == "adapters_off" else 1)
 
 
-def _pairs(config):
-    d = config.data
-    db = sources.bible_db(d.source, d.cache_dir or None)
-    if db is not None:
-        return preferences.bible_pairs(db, d.bible_version)
-    if not d.eval_source:
-        raise DataError("set --config.data.eval_source to a dev file of pairs (the train file "
-                        "is --config.data.source)")
-    return preferences.read_pairs(d.source), preferences.read_pairs(d.eval_source)
-
-
 def prepare_data(config, workdir) -> dict:
     """Pairs -> chosen / rejected rows (with the reference log-probabilities when they are
     precomputed)."""
     d = config.data
-    if d.max_len > config.model.max_len:
-        raise DataError(f"config.data.max_len={d.max_len} exceeds the model context "
-                        f"config.model.max_len={config.model.max_len}; lower it")
-    train, dev = _pairs(config)
+    sft.check_lengths(config)
+    train, dev = sft.train_and_dev(config, preferences.bible_pairs, preferences.read_pairs)
     tokenizer = sft.load_tokenizer(config, workdir, [])
     ids = chat.chat_token_ids(tokenizer)
     train_rows, train_info = preferences.render_pairs(train, tokenizer, ids, d.max_len)
     eval_rows, eval_info = preferences.render_pairs(dev, tokenizer, ids, d.max_len)
+    n_gen = len(dev) if not d.eval_generations else min(d.eval_generations, len(dev))
+    # Generated answers to the dev prompts, scored against the chosen response (sft's eval).
+    dev_prompts = [(chat.prompt_tokens(p.chosen.turns[:-1], tokenizer, ids),
+                    (p.chosen.turns[-1][1],), p.chosen.turns[-2][1]) for p in dev[:n_gen]]
     info = {"train_pairs": train_info["pairs"], "dev_pairs": eval_info["pairs"],
-            "truncated_responses": train_info["truncated"], "reference": reference_mode(config)}
+            "truncated_responses": train_info["truncated"], "reference": reference_mode(config),
+            "dev_generations": n_gen}
     if reference_mode(config) == "precomputed":
         train_rows, eval_rows = reference_logps(config, workdir, train_rows, eval_rows)
     return {"train_rows": train_rows, "eval_rows": eval_rows, "tokenizer": tokenizer,
-            "chat_ids": ids, "info": info}
+            "chat_ids": ids, "dev_prompts": dev_prompts, "info": info}
 
 
 # ---- log-probabilities -------------------------------------------------------------------------
@@ -247,9 +240,13 @@ def summarize(sums: dict) -> dict:
 
 
 def final_report(final: dict, info: dict) -> str:
-    return (f"final eval {info.get('reference', '')} DPO loss {final['loss']:.4f} (log 2 = "
+    line = (f"final eval {info.get('reference', '')} DPO loss {final['loss']:.4f} (log 2 = "
             f"0.6931 before training), preference accuracy {final['accuracy']:.3f}, reward "
             f"margin {final['margin']:.3f}")
+    if "exact_match" in final:
+        line += (f"; dev answers ({info['dev_generations']}): exact match "
+                 f"{final['exact_match']:.1f}%, F1 {final['f1']:.1f}%")
+    return line
 
 
 def init_batch(config, batch_size):

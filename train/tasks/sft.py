@@ -86,16 +86,22 @@ def configure(config):
     config.model.vocab_size = max(base.model.vocab_size, base_tokenizer.vocab_size + added)
 
 
-def _conversations(config):
-    """(train, dev) conversations: the Bible genealogy questions, or the user's files."""
+def train_and_dev(config, from_bible, read):
+    """(train, dev): from_bible(db, version) for the Bible corpus, else read(path) of the user's
+    data.source and data.eval_source."""
     d = config.data
     db = sources.bible_db(d.source, d.cache_dir or None)
     if db is not None:
-        return chat.bible_qa(db, d.bible_version)
+        return from_bible(db, d.bible_version)
     if not d.eval_source:
         raise DataError("set --config.data.eval_source to a dev file of the same format (the "
                         "train file is --config.data.source)")
-    return chat.read_conversations(d.source), chat.read_conversations(d.eval_source)
+    return read(d.source), read(d.eval_source)
+
+
+def _conversations(config):
+    """(train, dev) conversations: the Bible genealogy questions, or the user's files."""
+    return train_and_dev(config, chat.bible_qa, chat.read_conversations)
 
 
 def load_tokenizer(config, workdir, train):
@@ -135,8 +141,8 @@ def render_all(conversations, tokenizer, ids):
     return [(*chat.render(conv, tokenizer, ids), conv.where) for conv in conversations]
 
 
-def prepare_data(config, workdir) -> dict:
-    """Conversations -> packed train/eval rows with loss masks, and the dev prompts."""
+def check_lengths(config) -> None:
+    """data.max_len within the model's context, with room for a prompt and the answers."""
     d = config.data
     if d.max_len > config.model.max_len:
         raise DataError(f"config.data.max_len={d.max_len} exceeds the model context "
@@ -144,6 +150,12 @@ def prepare_data(config, workdir) -> dict:
     if d.max_new_tokens >= d.max_len:
         raise DataError(f"config.data.max_new_tokens={d.max_new_tokens} leaves no room for a "
                         f"prompt in config.data.max_len={d.max_len}; lower it")
+
+
+def prepare_data(config, workdir) -> dict:
+    """Conversations -> packed train/eval rows with loss masks, and the dev prompts."""
+    d = config.data
+    check_lengths(config)
     train, dev = _conversations(config)
     tokenizer = load_tokenizer(config, workdir, train)
     ids = chat.chat_token_ids(tokenizer)
