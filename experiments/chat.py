@@ -76,7 +76,7 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only opens
     try:
         config, tokenizer, params, _ = tasks.load_run(FLAGS.workdir, families=("gpt",))
-        if config.task != "sft":
+        if config.task not in ("sft", "dpo"):  # the tasks that train in the chat format
             raise DataError(f"{FLAGS.workdir} is a {config.task} run without the chat format; "
                             "fine-tune it first (experiments/gpt_sft.py), or sample plain text "
                             "with python -m experiments.sample")

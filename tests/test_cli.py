@@ -251,7 +251,7 @@ def test_translate_checks_the_run_before_reading_stdin(tmp_path):
 
 def test_prepare_then_train_on_prepared_data(corpus_file, tmp_path):
     """The two commands of a large corpus: prepare (2 worker processes), then train from it;
-    a second prepare is a no-op; bad prepare arguments are one-line errors."""
+    bad prepare arguments are one-line errors."""
     out = tmp_path / "prepared"
     args = ("--config=experiments/gpt.py:smoke", f"--config.data.source={corpus_file}",
             f"--out={out}", "--docs_per_shard=10")
@@ -259,9 +259,7 @@ def test_prepare_then_train_on_prepared_data(corpus_file, tmp_path):
     assert "Train with --config.data.source=prepared:" in first.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["splits"]["train"]["shards"]) >= 3
-    before = tree_digest(out)
-    again = run("experiments.prepare", *args, "--workers=1")
-    assert again.stdout == first.stdout and tree_digest(out) == before
+    before = tree_digest(out)  # (a second prepare being a no-op: tests/data/test_prepared.py)
     train(tmp_path / "run", f"prepared:{out}", "--config.num_train_steps=4",
           "--config.eval_every_steps=4")
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
@@ -269,6 +267,4 @@ def test_prepare_then_train_on_prepared_data(corpus_file, tmp_path):
     _assert_clear_error(run("experiments.prepare", *args[:2], check=False), "--out=DIR")
     _assert_clear_error(run("experiments.prepare", *args, "--workers=0", check=False),
                         "--workers must be >= 1")
-    _assert_clear_error(run("experiments.prepare", *args[:2], f"--out={out}",
-                            "--docs_per_shard=5", check=False), "prepared with other settings")
     assert tree_digest(out) == before

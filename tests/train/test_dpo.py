@@ -164,7 +164,7 @@ def _curve(workdir):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_a_run_learns_the_preferences_and_resumes_exactly(base, tmp_path, lora):
+def test_a_run_learns_the_preferences_and_resumes_exactly(base, prepared, tmp_path, lora):
     """Precomputed reference: 8 steps equal 4 + stop + 4. LoRA: the in-step reference."""
     extra = {"model.lora_rank": 4, "opt.learning_rate": 2e-2} if lora else {}
     full, split = tmp_path / "full", tmp_path / "split"
@@ -184,13 +184,17 @@ def test_a_run_learns_the_preferences_and_resumes_exactly(base, tmp_path, lora):
     if lora:
         # The in-step reference (adapters off) is the base: its log-probabilities are those
         # a precomputed reference gives, while the policy's have moved.
-        precomputed = dpo.prepare_data(dpo_config(base), str(tmp_path / "pre"))["eval_rows"]
+        precomputed = prepared[1]["eval_rows"]  # the same pairs, precomputed reference
         assert evals[-1]["ref_logp_chosen"] == pytest.approx(
             float(precomputed["chosen_ref_logp"].mean()), rel=1e-4)
         assert abs(evals[-1]["logp_chosen"] - evals[-1]["ref_logp_chosen"]) > 1e-2
         assert not (full / dpo.module.REFERENCE_FILE).exists()
     else:
         assert (full / dpo.module.REFERENCE_FILE).exists()
+        from tests.test_cli import run  # a DPO run chats like an SFT run
+        reply = run("experiments.chat", f"--workdir={full}", "--prompt=Whose son was Dan?",
+                    "--max_new_tokens=3").stdout
+        assert reply.strip()
 
 
 def test_bad_pairs_from_the_command_line_are_one_error_line(base, tmp_path):
