@@ -61,7 +61,7 @@ def parse_json_line(path: str, line_number: int, line: str):
         ) from None
 
 
-def _jsonl_documents_at(path: str, line_number: int, line: str, text_field: str):
+def _jsonl_document(path: str, line_number: int, line: str, text_field: str) -> str:
     """The document of one JSONL line, taken from text_field."""
     record = parse_json_line(path, line_number, line)
     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
@@ -69,7 +69,7 @@ def _jsonl_documents_at(path: str, line_number: int, line: str, text_field: str)
             f"{path}:{line_number}: no string field {text_field!r}; set "
             "--config.data.text_field to the field that holds the text"
         )
-    yield record[text_field]
+    return record[text_field]
 
 
 def _open_text(path: str):
@@ -115,11 +115,16 @@ def _parquet_documents(path: str, text_field: str):
                 yield value
 
 
+def matching_files(pattern: str) -> list[str]:
+    """The files (not folders) a path or glob names, sorted; ** reaches into subfolders."""
+    return sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                  if os.path.isfile(p))
+
+
 def iter_documents(pattern: str, text_field: str = "text"):
     """Documents of the files matching pattern, streaming: JSONL lines (.jsonl, also .gz /
     .zst), Parquet rows (column text_field), or text split at blank lines."""
-    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                   if os.path.isfile(p))
+    paths = matching_files(pattern)
     if not paths:
         raise DataError(f"no file matches {pattern!r}; check the path (quote globs in the shell)")
     for path in paths:
@@ -138,7 +143,7 @@ def iter_documents(pattern: str, text_field: str = "text"):
 def _jsonl_stream(path: str, text_field: str):
     for line_number, line in enumerate(_lines_utf8(path), start=1):
         if line.strip():
-            yield from _jsonl_documents_at(path, line_number, line, text_field)
+            yield _jsonl_document(path, line_number, line, text_field)
 
 
 def _text_stream(path: str):

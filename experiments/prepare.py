@@ -106,9 +106,7 @@ def _input_files(config) -> list[str]:
             if pattern == "bible":
                 files.append(str(sources.fetch_bible_db(d.cache_dir or None)))
             continue
-        import glob
-        files.extend(sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                            if os.path.isfile(p)))
+        files.extend(sources.matching_files(pattern))
     return files
 
 
