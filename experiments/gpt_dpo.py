@@ -28,10 +28,19 @@ PRESETS = ("smoke", "tiny")
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    if arg not in PRESETS:
-        raise ValueError(f"unknown GPT DPO variant {arg!r}; choose smoke or tiny")
-    c = gpt.get_config(arg)
+    c = pairs_config(arg, "DPO")
     c.task = "dpo"
+    # beta 0.1 as in Rafailov et al. 2023 (sec. 6); loss "sigmoid" (DPO) or "ipo".
+    c.dpo = ml_collections.ConfigDict(dict(beta=0.1, loss_type="sigmoid", reference="auto"))
+    c.opt.update(learning_rate=1e-4, warmup_steps=20, weight_decay=0.0)
+    return c
+
+
+def pairs_config(arg: str, what: str) -> ml_collections.ConfigDict:
+    """The GPT config of `arg` over preference pairs, from runs/gpt_sft (DPO, reward models)."""
+    if arg not in PRESETS:
+        raise ValueError(f"unknown GPT {what} variant {arg!r}; choose smoke or tiny")
+    c = gpt.get_config(arg)
     c.init_from = "runs/gpt_sft" if arg == "tiny" else ""  # a GPT run folder (SFT)
     c.model.dropout_rate = 0.0  # the policy must equal the reference at step 0
     c.data = ml_collections.ConfigDict(dict(
@@ -39,9 +48,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         max_len=c.model.max_len,
         # Greedy dev answers at every eval (0: all dev pairs), scored against the chosen one.
         eval_generations=200, max_new_tokens=16, eval_temperature=0.0))
-    # beta 0.1 as in Rafailov et al. 2023 (sec. 6); loss "sigmoid" (DPO) or "ipo".
-    c.dpo = ml_collections.ConfigDict(dict(beta=0.1, loss_type="sigmoid", reference="auto"))
-    c.opt.update(learning_rate=1e-4, warmup_steps=20, weight_decay=0.0)
     if arg == "smoke":
         c.model.max_len = c.data.max_len = 64
         c.data.eval_generations, c.data.max_new_tokens = 4, 4

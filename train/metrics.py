@@ -88,6 +88,17 @@ _LAST_VALUE_METRICS = ("grad_norm", "param_norm", "learning_rate")
 _NOT_LOGGED = ("nonfinite",)  # the loop's own flag (train/step.py)
 
 
+def pair_means(sums: dict, names) -> dict:
+    """For preference pairs: summarize's loss and accuracy (no perplexity), and for each of
+    `names` the mean sums[name + "_sum"] / pairs (weight_sum counts the pairs)."""
+    out = summarize({k: v for k, v in sums.items() if k[:-4] not in names})
+    out.pop("perplexity", None)
+    count = max(float(sums.get("weight_sum", 0.0)), 1e-9)
+    out.update({name: float(sums[name + "_sum"]) / count for name in names
+                if name + "_sum" in sums})
+    return out
+
+
 def train_means(step_sums, summarize, steps_per_sec, tokens_per_step, step_seconds_at_peak):
     """Means over the logged steps (exact: sums / counts), last norms and rate, throughput, MFU."""
     summed = {k: sum(m[k] for m in step_sums) for k in step_sums[0]

@@ -4,7 +4,6 @@ the adapters off; a run learns the preferences and resumes exactly; bad pairs an
 one clear error."""
 import json
 import math
-import random
 
 import flax.linen as nn
 import jax
@@ -15,53 +14,22 @@ import pytest
 from data import chat, preferences
 from data.errors import DataError
 from experiments import gpt_dpo
-from tests.conftest import smoke_config
+from tests.train.conftest import pairs_smoke_config
 from train import loop, tasks
 from train.config import ConfigError
 
 dpo = tasks.get("dpo")
-NAMES = "Abel Boaz Caleb Dan Eli Gad Hur Ira Joel Levi Mesha Nahum Obed Peleg Reu Seth".split()
-
-
-def write_pairs(path, n, seed):
-    """Pairs whose chosen answer is in the prompt and whose rejected one is not."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        person, father, other = rng.sample(NAMES, 3)
-        lines.append({"prompt": f"{person} was the son of {father}. Whose son was {person}?",
-                      "chosen": father, "rejected": other})
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def base(corpus_file, tmp_path_factory):
-    """A smoke GPT base run, and the pair files."""
-    root = tmp_path_factory.mktemp("dpo")
-    workdir = root / "base"
-    loop.train_and_evaluate(smoke_config(corpus_file, **{
-        "model.max_len": 64, "data.max_len": 64, "num_train_steps": 10,
-        "eval_every_steps": 10, "checkpoint_every_steps": 10}), str(workdir), tasks.get("lm"))
-    return workdir, (write_pairs(root / "train.jsonl", 48, 0), write_pairs(root / "dev.jsonl", 8, 1))
 
 
 def dpo_config(base, **overrides):
-    workdir, files = base
-    c = gpt_dpo.get_config("smoke")
-    c.init_from, c.data.source, c.data.eval_source = str(workdir), str(files[0]), str(files[1])
-    c.num_train_steps, c.eval_every_steps, c.log_every_steps = 8, 4, 2
-    c.checkpoint_every_steps, c.batch_size, c.eval_batch_size = 100, 8, 8
-    c.opt.learning_rate, c.opt.warmup_steps = 3e-3, 0
-    c.data.eval_generations, c.data.max_new_tokens = 2, 2
-    for key, value in overrides.items():
-        section = c
-        *parents, leaf = key.split(".")
-        for name in parents:
-            section = section[name]
-        section[leaf] = value
+    c = pairs_smoke_config(gpt_dpo.get_config("smoke"), base, **overrides)
     dpo.configure(c)
     return c
+
+
+@pytest.fixture(scope="module")
+def base(pair_base):
+    return pair_base
 
 
 @pytest.fixture(scope="module")

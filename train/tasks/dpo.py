@@ -230,13 +230,7 @@ MEANS = ("reward_chosen", "reward_rejected", "margin", "logp_chosen", "logp_reje
 
 def summarize(sums: dict) -> dict:
     """Means per pair: loss, accuracy, rewards, margin and log-probabilities."""
-    out = metrics.summarize({k: v for k, v in sums.items()
-                             if k[:-4] not in MEANS})  # perplexity means nothing here
-    out.pop("perplexity", None)
-    count = max(float(sums.get("weight_sum", 0.0)), 1e-9)
-    out.update({name: float(sums[name + "_sum"]) / count for name in MEANS
-                if name + "_sum" in sums})
-    return out
+    return metrics.pair_means(sums, MEANS)
 
 
 def final_report(final: dict, info: dict) -> str:
@@ -249,20 +243,23 @@ def final_report(final: dict, info: dict) -> str:
     return line
 
 
+def pair_batch(plain: dict) -> dict:
+    """The rows of `plain` (lm's keys) on both sides of a pair batch."""
+    return {f"{side_name}_{k}": v for side_name in SIDES for k, v in plain.items()}
+
+
+def _with_reference(config, batch):
+    if reference_mode(config) == "precomputed":
+        n = len(batch["chosen_inputs"])
+        batch.update({f"{side_name}_ref_logp": np.zeros(n, np.float32) for side_name in SIDES})
+    return batch
+
+
 def init_batch(config, batch_size):
     """A pair batch of the real shapes and dtypes."""
-    plain = lm.init_batch(config, batch_size)
-    batch = {f"{side_name}_{k}": v for side_name in SIDES for k, v in plain.items()}
-    if reference_mode(config) == "precomputed":
-        batch.update({f"{side_name}_ref_logp": jnp.zeros(batch_size, jnp.float32)
-                      for side_name in SIDES})
-    return batch
+    return _with_reference(config, pair_batch(lm.init_batch(config, batch_size)))
 
 
 def bench_batch(config):
     """Random full rows on both sides (experiments/bench)."""
-    plain = lm.bench_batch(config)
-    batch = jax.tree.map(np.asarray, init_batch(config, config.batch_size))
-    for side_name in SIDES:
-        batch.update({f"{side_name}_{k}": v for k, v in plain.items()})
-    return batch
+    return _with_reference(config, pair_batch(lm.bench_batch(config)))
