@@ -8,7 +8,7 @@ import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
-NAMES = ("lm", "mlm_nsp", "classify", "span_qa", "seq2seq", "sft", "dpo", "reward", "ppo", "grpo")
+NAMES = ("lm", "mlm_nsp", "classify", "span_qa", "seq2seq", "sft", "dpo", "reward")
 
 
 def _default_final_report(final: dict, info: dict) -> str:
