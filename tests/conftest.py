@@ -60,6 +60,11 @@ def smoke_config(corpus, **overrides):
     from experiments import gpt
     config = gpt.get_config("smoke")
     config.data.source = str(corpus)
+    return override(config, **overrides)
+
+
+def override(config, **overrides):
+    """`config` with each dotted key ("opt.learning_rate") set to its value."""
     for key, value in overrides.items():
         section = config
         *parents, leaf = key.split(".")

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from tests.conftest import smoke_config
+from tests.conftest import override, smoke_config
 from train import loop, tasks
 
 NAMES = "Abel Boaz Caleb Dan Eli Gad Hur Ira Joel Levi Mesha Nahum Obed Peleg Reu Seth".split()
@@ -42,10 +42,4 @@ def pairs_smoke_config(c, base, **overrides):
     c.checkpoint_every_steps, c.batch_size, c.eval_batch_size = 100, 8, 8
     c.opt.learning_rate, c.opt.warmup_steps = 3e-3, 0
     c.data.eval_generations, c.data.max_new_tokens = 2, 2
-    for key, value in overrides.items():
-        section = c
-        *parents, leaf = key.split(".")
-        for name in parents:
-            section = section[name]
-        section[leaf] = value
-    return c
+    return override(c, **overrides)
