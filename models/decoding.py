@@ -72,7 +72,7 @@ def next_token(logits_BV, rng, *, temperature=1.0, top_k=0, top_p=1.0):
 
 
 def sample(logits_fn, cache, prompt_BP, rng, *, max_new_tokens, temperature=1.0, top_k=0,
-           top_p=1.0, eos_id=-1, prefill_fn=None):
+           top_p=1.0, eos_id=-1, prefill_fn=None, return_logprobs=False):
     """Continues each prompt row by `max_new_tokens` tokens; returns B,max_new_tokens.
 
     The prompt is fed in one call (filling the KV cache), then one token per scan step. After a
@@ -81,11 +81,23 @@ def sample(logits_fn, cache, prompt_BP, rng, *, max_new_tokens, temperature=1.0,
     `prefill_fn`, with logits_fn's signature, makes that prompt call instead of logits_fn: a
     model can then mask left-padded prompts of different lengths (models/gpt.generate). The
     first token is drawn from the prompt's last column either way.
+
+    With `return_logprobs`, also B,max_new_tokens float32: each emitted token's log-probability
+    under softmax(logits / temperature) (the unfiltered distribution, unscaled at temperature
+    0), what a policy-gradient trainer compares its own forward pass with (train/tasks/ppo.py).
+    Entries after a row's `eos_id` are those of the repeated `eos_id`: callers mask them.
     """
     pick = functools.partial(next_token, temperature=temperature, top_k=top_k, top_p=top_p)
+    scale = temperature if temperature > 0 else 1.0
+
+    def logprob(logits_BV, token_B):
+        logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32) / scale, axis=-1)
+        return jnp.take_along_axis(logp_BV, token_B[:, None], axis=1)[:, 0]
+
     logits_BPV, cache = (prefill_fn or logits_fn)(prompt_BP, cache)
     rng, step_rng = jax.random.split(rng)
     first_B = pick(logits_BPV[:, -1], step_rng)
+    first_logp_B = logprob(logits_BPV[:, -1], first_B)
 
     def step(carry, step_rng):
         token_B, done_B, cache = carry
@@ -93,12 +105,15 @@ def sample(logits_fn, cache, prompt_BP, rng, *, max_new_tokens, temperature=1.0,
         new_B = pick(logits_B1V[:, -1], step_rng)
         done_B = done_B | (token_B == eos_id)
         new_B = jnp.where(done_B, eos_id, new_B)
-        return (new_B, done_B, cache), new_B
+        return (new_B, done_B, cache), (new_B, logprob(logits_B1V[:, -1], new_B))
 
     done_B = jnp.zeros(first_B.shape, bool)
     rngs = jax.random.split(rng, max_new_tokens - 1)
-    _, rest_NB = jax.lax.scan(step, (first_B, done_B, cache), rngs)
-    return jnp.concatenate([first_B[:, None], rest_NB.T], axis=1)
+    _, (rest_NB, rest_logp_NB) = jax.lax.scan(step, (first_B, done_B, cache), rngs)
+    tokens_BN = jnp.concatenate([first_B[:, None], rest_NB.T], axis=1)
+    if not return_logprobs:
+        return tokens_BN
+    return tokens_BN, jnp.concatenate([first_logp_B[:, None], rest_logp_NB.T], axis=1)
 
 
 # Beam search. Shape letters here: B sentences, K beams per sentence (not the head dim of

@@ -169,7 +169,7 @@ def left_pad(rows: list[list[int]], width: int, pad_id: int):
 
 
 def generate(decode_model: GPT, params, prompt_BP, rng, *, max_new_tokens, temperature=1.0,
-             top_k=0, top_p=1.0, eos_id=-1, prompt_valid_BP=None):
+             top_k=0, top_p=1.0, eos_id=-1, prompt_valid_BP=None, return_logprobs=False):
     """B,max_new_tokens continuation ids of each prompt row, sampled with the KV cache.
 
     Prompts of different lengths share one batch (and one compilation) left-padded, with
@@ -177,6 +177,7 @@ def generate(decode_model: GPT, params, prompt_BP, rng, *, max_new_tokens, tempe
     attended to and positions skip it, so each row gets the logits it would get alone. Left,
     because every row's last column must be its last real token. None: all tokens are real.
     Meant to run under jax.jit with the sampling settings bound (functools.partial).
+    `return_logprobs` also returns each token's log-probability (decoding.sample).
     """
     def logits_fn(tokens_BL, cache, segment_ids_BL=None):
         logits_BLV, variables = decode_model.apply({"params": params, "cache": cache},
@@ -190,4 +191,4 @@ def generate(decode_model: GPT, params, prompt_BP, rng, *, max_new_tokens, tempe
     cache = init_cache(decode_model, prompt_BP.shape[0], prompt_BP.shape[1] + max_new_tokens)
     return decoding.sample(logits_fn, cache, prompt_BP, rng, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
-                           prefill_fn=prefill_fn)
+                           prefill_fn=prefill_fn, return_logprobs=return_logprobs)

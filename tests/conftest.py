@@ -65,10 +65,5 @@ def smoke_config(corpus, **overrides):
 
 def override(config, **overrides):
     """`config` with each dotted key ("opt.learning_rate") set to its value."""
-    for key, value in overrides.items():
-        section = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            section = section[name]
-        section[leaf] = value
-    return config
+    from train.config import override as set_dotted
+    return set_dotted(config, **overrides)

@@ -238,9 +238,13 @@ class Checkpointer:
 def _saved_part(state):
     """What a checkpoint holds of a train state: step, params and opt_state, as a dict (the
     layout of every checkpoint written so far). LoRA's frozen base weights stay in the base
-    run (config.init_from) and are loaded from there."""
+    run (config.init_from) and are loaded from there. A task's `extra` state is saved when it
+    has one."""
     if hasattr(state, "opt_state") and hasattr(state, "frozen"):
-        return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+        saved = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+        if getattr(state, "extra", None) is not None:
+            saved["extra"] = state.extra
+        return saved
     return state
 
 

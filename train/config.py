@@ -149,6 +149,17 @@ def _relations(config):
                f"config.data.max_len={max_len} ([CLS] question [SEP] context [SEP]); lower it")
 
 
+def override(config, **dotted):
+    """`config` with each dotted key ("opt.learning_rate") set to its value; returns it."""
+    for key, value in dotted.items():
+        section = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            section = section[name]
+        section[leaf] = value
+    return config
+
+
 def check_workdir(workdir: str) -> None:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir} is a file, not a folder; pass a new folder name "

@@ -124,8 +124,9 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
         eval_step = jax.jit(lambda p, b: task.loss_fn(p, b, None, model=s.model, train=False)[1],
                             in_shardings=(s.param_shardings, s.batch_shard),
                             out_shardings=sharding.replicated(s.mesh))
-        run = Run(config, workdir, task, data, s, ckpt, s.jit_train_step(task, config),
-                  eval_step)
+        train_step = (task.make_train_step(s, config, data) if task.make_train_step
+                      else s.jit_train_step(task, config))
+        run = Run(config, workdir, task, data, s, ckpt, train_step, eval_step)
         return _run(run, state, train_iter, jax.random.fold_in(rng, 1), notes)
 
 
@@ -274,9 +275,12 @@ def _run(run, state, train_iter, dropout_rng, notes):
 
 
 def _eval_all(run, params):
-    """The eval split's loss metrics, plus the task's prediction metrics (BLEU, EM/F1)."""
-    metrics = evaluate(run.eval_step, params, run.data["eval_rows"], run.config,
-                       run.setup.batch_shard, run.task.summarize)
+    """The eval split's loss metrics, plus the task's prediction metrics (BLEU, EM/F1); a task
+    without eval rows (PPO) has only the latter."""
+    metrics = {}
+    if run.data["eval_rows"] is not None:
+        metrics = evaluate(run.eval_step, params, run.data["eval_rows"], run.config,
+                           run.setup.batch_shard, run.task.summarize)
     metrics.update(run.task.evaluate_predictions(params, run.data, run.config, run.workdir))
     return metrics
 

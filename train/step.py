@@ -24,11 +24,14 @@ class TrainState:
     """`params` are what the optimizer updates. With LoRA (config.model.lora_rank > 0) they are
     the adapters (and any fresh task head) alone, `frozen` holds the base weights: the optimizer
     state covers only the adapters, and checkpoints leave `frozen` out (it is loaded again from
-    config.init_from). Without LoRA `frozen` is None, an empty subtree."""
+    config.init_from). Without LoRA `frozen` is None, an empty subtree. `extra` is a task's
+    own training state that is not a parameter (PPO's adaptive KL coefficient), saved with the
+    checkpoints; None for tasks that have none (the task module's init_extra(config) makes it)."""
     step: jax.Array
     params: Any
     opt_state: Any
     frozen: Any = None
+    extra: Any = None
 
 
 def uses_lora(config) -> bool:
@@ -90,7 +93,7 @@ def make_train_step(loss_fn, tx, schedule, grad_accum_steps: int):
         sums = dict(sums, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
                     learning_rate=schedule(state.step),
                     nonfinite=1.0 - finite.astype(jnp.float32))
-        return TrainState(state.step + 1, params, opt_state, state.frozen), sums
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), sums
 
     return train_step
 
@@ -109,7 +112,9 @@ def create_state_fns(task, config, model, tx, mesh, rules):
         params, frozen = task.init_params(model, config, rng), None
         if uses_lora(config):  # train the adapters (and fresh heads); freeze the rest
             params, frozen = lora.split(params, getattr(task.module, "FRESH_HEADS", ()))
-        return TrainState(jnp.array(0, jnp.int32), params, tx.init(params), frozen)
+        init_extra = getattr(task.module, "init_extra", None)
+        extra = init_extra(config) if init_extra is not None else None
+        return TrainState(jnp.array(0, jnp.int32), params, tx.init(params), frozen, extra)
 
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     shardings = sharding.logical_shardings(boxed, mesh, rules)

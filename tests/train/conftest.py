@@ -22,6 +22,18 @@ def write_pairs(path, n, seed):
     return path
 
 
+def write_prompts(path, n, seed):
+    """SFT-format questions whose answer is in the prompt (the prompts of PPO and GRPO)."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        person, father = rng.sample(NAMES, 2)
+        lines.append({"prompt": f"{person} was the son of {father}. Whose son was {person}?",
+                      "response": father})
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def pair_base(corpus_file, tmp_path_factory):
     """A smoke GPT base run, and the pair files."""

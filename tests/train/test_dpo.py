@@ -88,7 +88,8 @@ def test_at_step_zero_the_policy_is_the_reference(prepared):
     _, sums = dpo.loss_fn(params, batch, None, model=model, train=False)
     means = dpo.summarize(jax.device_get(sums))
     assert means["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert abs(means["margin"]) < 1e-5 and means["accuracy"] == 0.0
+    # (accuracy is not asserted: at h = 0 it counts pairs whose h is rounding noise above 0)
+    assert abs(means["margin"]) < 1e-5
     np.testing.assert_allclose(means["logp_chosen"], means["ref_logp_chosen"], rtol=1e-5)
 
 

@@ -8,7 +8,8 @@ import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
-NAMES = ("lm", "mlm_nsp", "classify", "span_qa", "seq2seq", "sft", "dpo", "reward")
+NAMES = ("lm", "mlm_nsp", "classify", "span_qa", "seq2seq", "sft", "dpo", "reward", "ppo",
+         "grpo")
 
 
 def _default_final_report(final: dict, info: dict) -> str:
@@ -50,6 +51,13 @@ class Task:
           shardings say, that replace the fresh ones      [None: init_from is refused]
       configure(config) -> None: fills config keys that follow from others (e.g. the model
           shape of the init_from run), before the config is validated; idempotent  [none]
+      make_train_step(setup, config, data) -> train_step(state, batch, rng) -> (state, step
+          metrics), for objectives whose step is more than one gradient step on loss_fn (PPO:
+          a rollout, rewards on the host, several optimisation epochs); the metrics hold
+          step.make_train_step's keys (loss_sum, weight_sum, grad_norm, param_norm,
+          learning_rate, nonfinite)                          [step.make_train_step, jitted]
+    A task whose prepare_data gives eval_rows None has no eval loss: its evals are
+    evaluate_predictions alone.
     A module may also name FRESH_HEADS: top-level parameter groups a LoRA run trains
     alongside the adapters (heads the base checkpoint lacks).
     """
@@ -68,13 +76,14 @@ class Task:
     test_report: Optional[Callable[[dict, bool], str]] = None
     load_pretrained: Optional[Callable[..., dict]] = None
     configure: Optional[Callable[..., None]] = None
+    make_train_step: Optional[Callable[..., Callable]] = None
     module: Any = None  # the task module itself, for its task-specific helpers
 
 
 REQUIRED_HOOKS = ("build_model", "prepare_data", "init_params", "init_batch", "loss_fn",
                   "flops_per_token", "bench_batch")
 OPTIONAL_HOOKS = ("summarize", "final_report", "evaluate_predictions", "evaluate_test",
-                  "test_report", "load_pretrained", "configure")
+                  "test_report", "load_pretrained", "configure", "make_train_step")
 
 
 def from_module(name: str, module) -> Task:

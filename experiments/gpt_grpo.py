@@ -1,0 +1,23 @@
+"""GRPO of a GPT run against a reward (task "grpo", train/tasks/ppo.py): group_size samples per
+prompt, advantages standardised within each group, no value head.
+
+Commands (the CPU demo, after experiments/gpt_sft.py:tiny has fine-tuned runs/gpt_sft):
+  python -m train.main --config=experiments/gpt_grpo.py:tiny --workdir=runs/gpt_grpo
+  python -m train.main --config=experiments/gpt_grpo.py:tiny --workdir=runs/gpt_grpo_lora \
+      --config.model.lora_rank=8 --config.opt.learning_rate=1e-3
+
+Prompts and rewards as experiments/gpt_ppo.py.
+Variants: smoke (tests, seconds; init_from is set by the test), tiny (from runs/gpt_sft).
+"""
+import ml_collections
+
+from experiments import gpt_ppo
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    c = gpt_ppo.rl_config(arg, "grpo")
+    # Shao et al. 2024 (sec. 4.2): 0.04 for the KL term, estimated with k3; groups of 4 here
+    # (64 in the paper) to fit a CPU.
+    c.rl.update(kl_coef=0.04, kl_estimator="k3", group_size=4, epochs=1)
+    c.batch_size = 8  # prompts per step: 32 responses
+    return c
