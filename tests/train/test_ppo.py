@@ -167,8 +167,9 @@ def test_ppo_run_ratio_one_at_first_update_and_exact_resume(rl_base, tmp_path):
     assert first["sampler_error"] < 1e-5 and first["first_clipfrac"] == 0.0
     for name in ("score", "score_std", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl",
                  "value_loss", "explained_variance", "response_length", "truncated",
-                 "policy_loss"):
+                 "policy_loss", "time_rollout", "time_reward", "time_update"):
         assert all(np.isfinite(m[name]) for m in train), name
+    assert all(m["time_rollout"] > 0 and m["time_update"] > 0 for m in train)
     assert first["score_std"] > 0
     # The policy moved (lr 1e-3), so later first-minibatch ratios are not all 1 any more.
     assert train[-1]["approx_kl"] > 0
@@ -204,10 +205,22 @@ def test_grpo_with_lora_trains_adapters_against_the_base(rl_base, tmp_path):
     train = _records(tmp_path / "run", "train")
     assert train[0]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert train[0]["sampler_error"] < 1e-5 and train[0]["first_clipfrac"] == 0.0
-    assert "value_loss" not in train[0] and "kl_loss" in train[0]
+    assert "value_loss" not in train[0] and "explained_variance" not in train[0]
+    assert "kl_loss" in train[0]
     assert np.isfinite(final["score"]) and final["kl"] != 0.0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["task"] == "grpo" and saved["rl"]["group_size"] == 4
+
+
+def test_ppo_raises_a_dense_reward(rl_base, tmp_path):
+    """12 steps at a high learning rate against "shorter is better": the mean score of the last
+    4 steps beats the first 4's (a sign error in the advantages or the ratio would lower it)."""
+    config = rl_config(rl_base, **{"rl.reward": "fn:tests.train.test_ppo:short_reward",
+                                   "rl.stall_steps": 0, "opt.learning_rate": 1e-2,
+                                   "num_train_steps": 12, "eval_every_steps": 12})
+    loop.train_and_evaluate(config, str(tmp_path / "run"), ppo)
+    scores = [m["score"] for m in _records(tmp_path / "run", "train")]
+    assert np.mean(scores[-4:]) > np.mean(scores[:4]) + 0.05, scores
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -302,3 +315,8 @@ def test_a_reward_model_run_scores_rollouts_as_it_scores_its_pairs(pair_base, rl
     ppo.configure(bad)
     with pytest.raises(DataError, match="is a lm run; it must be a reward-model run"):
         P.load_reward(bad, tasks.load_run(str(rm))[1])
+
+
+def short_reward(questions, responses, references):
+    """Shorter answers score higher: a dense signal even for a near-uniform policy."""
+    return [-len(r) / 20 for r in responses]

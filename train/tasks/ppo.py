@@ -40,6 +40,7 @@ k1 sum per response), length and share cut at the limit; samples in eval_generat
 import functools
 import importlib
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,6 @@ VALUE_HEAD = "value_head"
 FRESH_HEADS = (VALUE_HEAD,)  # with LoRA the value head trains alongside the adapters
 ESTIMATORS = ("k1", "k2", "k3")
 SAMPLES_FILE = "eval_generations.jsonl"
-build_model = lm.build_model
 load_pretrained = sft.load_pretrained
 
 
@@ -362,7 +362,7 @@ def loss_fn(params, batch, rng, *, model, train):
         sums["value_loss_sum"] = total(v_loss)
     else:  # GRPO: the KL to the reference as a loss term
         kl = kl_terms(logp, batch["ref_logp"], rl.kl_estimator)
-        loss = loss + batch["kl_coef"] * kl
+        loss = loss + batch["kl_coef"][:, None] * kl
         sums["kl_loss_sum"] = total(kl)
     sums["loss_sum"] = total(loss)
     return sums["loss_sum"], sums
@@ -378,9 +378,18 @@ class Learner:
     def init(self, *args, **kwargs):
         return self.net.init(*args, **kwargs)
 
+    def apply(self, *args, **kwargs):
+        return self.net.apply(*args, **kwargs)
+
     @property
     def config(self):
         return self.net.config
+
+
+def build_model(config, **overrides):
+    """The Learner; with overrides (decode=True for sampling) the plain GPT."""
+    net = lm.build_model(config, **overrides)
+    return net if overrides else Learner(net, config)
 
 
 def init_batch(config, batch_size):
@@ -392,7 +401,7 @@ def init_batch(config, batch_size):
              "tokens": jnp.zeros((batch_size, n), jnp.int32), "old_logp": f(batch_size, n),
              "advantages": f(batch_size, n), "token_weight": f(batch_size, n),
              "old_values": f(batch_size, n), "returns": f(batch_size, n),
-             "ref_logp": f(batch_size, n), "kl_coef": f()}
+             "ref_logp": f(batch_size, n), "kl_coef": f(batch_size)}
     return batch
 
 
@@ -444,7 +453,7 @@ def make_train_step(setup, config, data):
         kl_coef = state.extra["kl_coef"]
         kl_seq = jnp.sum(kl_terms(old_logp, ref_logp, "k1") * mask, axis=1)
         length = jnp.sum(mask, axis=1)
-        out = dict(rows, ref_logp=ref_logp, kl_coef=kl_coef)
+        out = dict(rows, ref_logp=ref_logp, kl_coef=jnp.full(length.shape, kl_coef))
         if learner.value:
             penalty = kl_terms(old_logp, ref_logp, rl.kl_estimator) * mask
             last = jax.nn.one_hot(length.astype(jnp.int32) - 1, mask.shape[1]) * mask
@@ -460,7 +469,7 @@ def make_train_step(setup, config, data):
         else:
             adv = group_advantages(scores, group)[:, None] * mask
             out.update(advantages=adv, token_weight=mask / jnp.maximum(length, 1.0)[:, None])
-            explained = jnp.float32(0.0)
+            explained = None  # no value head
         stats = {"sampler_error": jnp.max(jnp.abs(logp - old_logp) * mask),
                  "kl": jnp.mean(kl_seq), "explained_variance": explained}
         return out, stats
@@ -477,8 +486,7 @@ def make_train_step(setup, config, data):
 
         def one(carry, index):
             params, opt_state, _ = carry
-            mb = {k: (v[index] if jnp.ndim(v) and v.shape[0] == n else v)
-                  for k, v in batch.items()}
+            mb = {k: v[index] for k, v in batch.items()}
             (_, sums), grads = grad_fn(params, state.frozen, mb)
             count = jnp.maximum(sums["weight_sum"], 1e-9)
             grads = jax.tree.map(lambda g: g / count, grads)
@@ -513,13 +521,14 @@ def make_train_step(setup, config, data):
             "kl_sum": stats["kl"], "kl_coef_sum": state.extra["kl_coef"],
             "first_clipfrac_sum": first_clip,
             "sampler_error_sum": stats["sampler_error"],
-            "explained_variance_sum": stats["explained_variance"],
             "response_length_sum": jnp.mean(length),
             "truncated_sum": jnp.mean((jnp.sum((rows["tokens"] == end_id), 1) == 0)
                                       .astype(jnp.float32)),
             "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
             "learning_rate": schedule(state.step * per_step), "nonfinite": jnp.max(per["nonfinite"]),
             "updates_sum": jnp.float32(per_step)}
+        if stats["explained_variance"] is not None:
+            metrics_out["explained_variance_sum"] = stats["explained_variance"]
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   extra=extra)
         return new_state, metrics_out
@@ -531,18 +540,34 @@ def make_train_step(setup, config, data):
     questions, refs = data["train_text"]
 
     def train_step(state, batch, rng):
-        step = int(jax.device_get(state.step))
+        t0 = time.perf_counter()
+        step = int(jax.device_get(state.step))  # waits for the previous update
         rng = jax.random.fold_in(rng, step)
         params = step_lib.full_params(state.params, state.frozen)
+        t1 = time.perf_counter()
         rows = rollout_fn(params, batch["prompt"], batch["prompt_valid"], batch["index"],
                           jax.random.fold_in(rng, 0))
         host = jax.device_get(rows)
+        t2 = time.perf_counter()
         scores = score_rollouts(data, host, (questions, refs), end_id, tokenizer)
         check_stall(stall, host["tokens"], scores, end_id, rl.stall_steps, step + 1, group)
-        reference = data.get("reference")
-        return update_fn(state, reference, rows, jnp.asarray(scores),
-                         jax.random.fold_in(rng, 1))
+        t3 = time.perf_counter()
+        args = (data.get("reference"), rows, jnp.asarray(scores), jax.random.fold_in(rng, 1))
+        last["args"] = args
+        state, out = update_fn(state, *args)
+        jax.block_until_ready(out["loss_sum"])
+        t4 = time.perf_counter()
+        # Host wall seconds of this step's parts (the previous update's tail counts as its own).
+        return state, dict(out, time_rollout_sum=t2 - t1, time_reward_sum=t3 - t2,
+                           time_update_sum=t4 - t3 + (t1 - t0))
 
+    def update_memory(state):
+        """Per-device bytes XLA assigns the compiled update (arguments + temporaries)."""
+        stats = update_fn.lower(state, *last["args"]).compile().memory_analysis()
+        return {"update_bytes": int(stats.argument_size_in_bytes + stats.temp_size_in_bytes)}
+
+    last = {}
+    train_step.update_memory = update_memory
     return train_step
 
 
