@@ -196,17 +196,25 @@ def test_ppo_run_ratio_one_at_first_update_and_exact_resume(rl_base, tmp_path):
 
 
 def test_grpo_with_lora_trains_adapters_against_the_base(rl_base, tmp_path):
-    """GRPO with LoRA: groups of 4, the reference is the base (adapters off), so at step 1 KL is
-    0; no value head; the adapters move."""
-    config = rl_config(rl_base, gpt_grpo, **{"model.lora_rank": 4, "num_train_steps": 2,
-                                             "eval_every_steps": 2})
-    grpo = tasks.get("grpo")
-    final = loop.train_and_evaluate(config, str(tmp_path / "run"), grpo)
+    """GRPO with LoRA through train.main: groups of 4, the reference is the base (adapters
+    off), so at step 1 KL is 0; no value head."""
+    from tests.test_cli import run
+    workdir, files = rl_base
+    out = run("train.main", "--config=experiments/gpt_grpo.py:smoke",
+              f"--config.init_from={workdir}", f"--config.data.source={files[0]}",
+              f"--config.data.eval_source={files[1]}", "--config.model.lora_rank=4",
+              "--config.rl.reward=fn:tests.train.test_ppo:word_reward",
+              "--config.num_train_steps=2", "--config.eval_every_steps=2",
+              "--config.log_every_steps=1", "--config.opt.learning_rate=1e-3",
+              f"--workdir={tmp_path / 'run'}").stdout
+    assert "final eval (8 dev prompts, sampled): reward" in out
+    assert "trained: LoRA" in out
     train = _records(tmp_path / "run", "train")
     assert train[0]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert train[0]["sampler_error"] < 1e-5 and train[0]["first_clipfrac"] == 0.0
     assert "value_loss" not in train[0] and "explained_variance" not in train[0]
     assert "kl_loss" in train[0]
+    final = _records(tmp_path / "run", "eval")[-1]
     assert np.isfinite(final["score"]) and final["kl"] != 0.0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["task"] == "grpo" and saved["rl"]["group_size"] == 4
