@@ -14,6 +14,10 @@ and returning one float per response (default: answer_f1 below, the token F1 of 
 against the reference answer), or model:RUN, a reward-model run (experiments/gpt_reward.py).
 
 Variants: smoke (tests, seconds; init_from is set by the test), tiny (from runs/gpt_sft).
+
+Measured (2-core CPU, 2026-12-03, 150 steps from the SFT demo run; experiments/rl_frontier.py):
+training-prompt reward 0.866-0.883 at KL 0.08-0.23 nats to the SFT run (0.903), dev 0.081-0.094
+(SFT 0.094) for kl_coef 0.2-0.01. README "PPO and GRPO".
 """
 import ml_collections
 
