@@ -49,7 +49,8 @@ def rl_config(arg: str, task: str) -> ml_collections.ConfigDict:
     c.model.dropout_rate = 0.0  # the trainer's log-probs must equal the sampler's
     c.data = ml_collections.ConfigDict(dict(
         source="bible", eval_source="", bible_version="4", cache_dir="", tokenizer_type="bpe",
-        max_len=c.model.max_len, eval_generations=200, max_new_tokens=16, eval_temperature=0.0))
+        # Dev prompts sampled (at rl.temperature) at every eval; 0: all of them.
+        max_len=c.model.max_len, eval_generations=200, max_new_tokens=16))
     c.rl = ml_collections.ConfigDict(dict(
         reward="fn:experiments.gpt_ppo:answer_f1",
         temperature=1.0, max_new_tokens=16,

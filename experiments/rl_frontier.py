@@ -21,7 +21,7 @@ A finished run folder is reused (its checkpoint restored), so a rerun only evalu
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
 from train import cli
 
@@ -110,7 +110,6 @@ def main(_):
     import matplotlib.pyplot as plt
 
     from experiments import gpt_dpo, gpt_ppo
-    from train import tasks
     from train.tasks import ppo
 
     out = FLAGS.out

@@ -328,3 +328,13 @@ def test_a_reward_model_run_scores_rollouts_as_it_scores_its_pairs(pair_base, rl
 def short_reward(questions, responses, references):
     """Shorter answers score higher: a dense signal even for a near-uniform policy."""
     return [-len(r) / 20 for r in responses]
+
+
+def test_a_non_finite_step_leaves_the_whole_state_as_it_was(rl_base, tmp_path):
+    """At lr 1e30 the first minibatch's update is finite but the second's loss is not: the
+    step is skipped whole (skip_nonfinite_steps), so the policy is still the reference."""
+    config = rl_config(rl_base, **{"opt.learning_rate": 1e30, "skip_nonfinite_steps": 2,
+                                   "num_train_steps": 2, "eval_every_steps": 2})
+    final = loop.train_and_evaluate(config, str(tmp_path / "run"), ppo)
+    assert abs(final["kl"]) < 1e-4  # sampled from the reference itself (a moved policy: > 1)
+    assert _records(tmp_path / "run", "train") == []  # both steps skipped, none logged as good

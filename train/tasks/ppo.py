@@ -10,9 +10,10 @@ config.rl.group_size times):
   3. update: one jitted function runs the policy, the reference and the value head over the
      rollouts, computes advantages, then config.rl.epochs passes of config.rl.minibatches
      clipped-objective steps (a lax.scan of optimizer updates).
-The sampler and the trainer are the same model code, so the sampler's log-probabilities are
-the "old" ones of the ratio: at the first update the ratio is 1 and nothing is clipped
-(checked in the tests to 1e-5, logged as sampler_error: max |trainer - sampler| log-prob).
+The sampler and the trainer are the same model code, so the sampler's log-probabilities equal
+the training pass's (in fp32 to 1e-5, tested; logged every step as sampler_error, the largest
+|trainer - sampler| log-prob). The "old" log-probs of the ratio are the training pass's own, so
+the ratio is exactly 1 at the first update even in bf16, where the two paths round differently.
 
 PPO (Ziegler et al. 2019; Ouyang et al. 2022): per-token reward -kl_coef * KL_t plus the score
 at the response's last token; a value head on the policy's hidden states (a D->1 linear layer,
@@ -286,7 +287,8 @@ def token_outputs(net, params, rows, temperature, *, value=False):
                                        net.config.vocab_size)
     logp_BNV = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
     logp_BN = jnp.take_along_axis(logp_BNV, rows["tokens"][..., None], axis=-1)[..., 0]
-    entropy_BN = -jnp.sum(jnp.exp(logp_BNV) * logp_BNV, axis=-1)
+    p_BNV = jnp.exp(logp_BNV)  # masked vocabulary rows: p = 0 and log p = -inf, counted as 0
+    entropy_BN = -jnp.sum(jnp.where(p_BNV > 0, p_BNV * logp_BNV, 0.0), axis=-1)
     values = None
     if value:
         head = params[VALUE_HEAD]
@@ -430,12 +432,16 @@ def make_train_step(setup, config, data):
     # epochs x minibatches optimizer updates per step: the schedule runs over all of them (the
     # same optimizer as setup.tx, so the state's layout is the same).
     per_step = rl.epochs * rl.minibatches
-    tx, schedule = optim.make_optimizer(config.opt, config.num_train_steps * per_step,
+    opt = config.opt.copy_and_resolve_references()
+    opt.warmup_steps = config.opt.warmup_steps * per_step  # warmup_steps counts train steps
+    tx, schedule = optim.make_optimizer(opt, config.num_train_steps * per_step,
                                         config.model.d_model)
     if not lora:  # the frozen copy, placed like the policy's weights
         weights = data.pop("reference_weights")
+        shardings = setup.param_shardings  # (a value head of a PPO init_from run is dropped)
         data["reference"] = jax.device_put(
-            weights, {k: setup.param_shardings[k] for k in weights})
+            {k: v for k, v in weights.items() if k in shardings},
+            {k: shardings[k] for k in weights if k in shardings})
     data["rollout_fn"] = rollout_fn = make_rollout_fn(config, end_id, replicated)
 
     def reference_of(params, reference):
@@ -449,11 +455,15 @@ def make_train_step(setup, config, data):
                                         value=learner.value)
         ref_logp, _, _ = token_outputs(net, jax.lax.stop_gradient(
             reference_of(params, reference)), rows, rl.temperature)
-        old_logp = rows["old_logp"]
-        kl_coef = state.extra["kl_coef"]
+        # The trainer's own log-probs are the "old" ones: equal to the sampler's in fp32
+        # (sampler_error, tested to 1e-5), and the ratio is exactly 1 at the first update even in
+        # bf16, where the KV-cache path and the full pass round differently.
+        old_logp = logp
+        kl_coef = state.extra["kl_coef"] if rl.adaptive_kl else jnp.float32(rl.kl_coef)
         kl_seq = jnp.sum(kl_terms(old_logp, ref_logp, "k1") * mask, axis=1)
         length = jnp.sum(mask, axis=1)
-        out = dict(rows, ref_logp=ref_logp, kl_coef=jnp.full(length.shape, kl_coef))
+        out = dict(rows, old_logp=old_logp, ref_logp=ref_logp,
+                   kl_coef=jnp.full(length.shape, kl_coef))
         if learner.value:
             penalty = kl_terms(old_logp, ref_logp, rl.kl_estimator) * mask
             last = jax.nn.one_hot(length.astype(jnp.int32) - 1, mask.shape[1]) * mask
@@ -470,8 +480,8 @@ def make_train_step(setup, config, data):
             adv = group_advantages(scores, group)[:, None] * mask
             out.update(advantages=adv, token_weight=mask / jnp.maximum(length, 1.0)[:, None])
             explained = None  # no value head
-        stats = {"sampler_error": jnp.max(jnp.abs(logp - old_logp) * mask),
-                 "kl": jnp.mean(kl_seq), "explained_variance": explained}
+        stats = {"sampler_error": jnp.max(jnp.abs(logp - rows["old_logp"]) * mask),
+                 "kl": jnp.mean(kl_seq), "explained_variance": explained, "kl_coef": kl_coef}
         return out, stats
 
     def update(state, reference, rows, scores, rng):
@@ -512,13 +522,19 @@ def make_train_step(setup, config, data):
         if rl.adaptive_kl:  # Ziegler et al. 2019, sec. 2.2
             error = jnp.clip(stats["kl"] / rl.kl_target - 1.0, -0.2, 0.2)
             extra = {"kl_coef": extra["kl_coef"] * (1.0 + error * n / rl.kl_horizon)}
+        # A step with any non-finite minibatch leaves the whole state as it was (the loop then
+        # stops, or skips the step with config.skip_nonfinite_steps).
+        bad = jnp.max(per["nonfinite"]) > 0
+        params, opt_state, extra = jax.lax.cond(
+            bad, lambda: (state.params, state.opt_state, state.extra),
+            lambda: (params, opt_state, extra))
         mask = response_mask(rows["tokens"], end_id)
         length = jnp.sum(mask, axis=1)
         metrics_out = {
             **{f"{k}_sum": v for k, v in out.items()},
             "weight_sum": jnp.float32(1.0),
             "score_sum": jnp.mean(scores), "score_std_sum": jnp.std(scores),
-            "kl_sum": stats["kl"], "kl_coef_sum": state.extra["kl_coef"],
+            "kl_sum": stats["kl"], "kl_coef_sum": stats["kl_coef"],
             "first_clipfrac_sum": first_clip,
             "sampler_error_sum": stats["sampler_error"],
             "response_length_sum": jnp.mean(length),
@@ -550,9 +566,10 @@ def make_train_step(setup, config, data):
         host = jax.device_get(rows)
         t2 = time.perf_counter()
         scores = score_rollouts(data, host, (questions, refs), end_id, tokenizer)
-        check_stall(stall, host["tokens"], scores, end_id, rl.stall_steps, step + 1, group)
+        check_stall(stall, host["tokens"], scores, end_id, rl.stall_steps, step + 1,
+                    1 if learner.value else group)  # PPO's baseline is the value head
         t3 = time.perf_counter()
-        args = (data.get("reference"), rows, jnp.asarray(scores), jax.random.fold_in(rng, 1))
+        args = (data.get("reference"), rows, scores, jax.random.fold_in(rng, 1))
         last["args"] = args
         state, out = update_fn(state, *args)
         jax.block_until_ready(out["loss_sum"])
