@@ -76,7 +76,8 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only opens
     try:
         config, tokenizer, params, _ = tasks.load_run(FLAGS.workdir, families=("gpt",))
-        if config.task not in ("sft", "dpo"):  # the tasks that train in the chat format
+        # The tasks that train in the chat format.
+        if config.task not in ("sft", "dpo", "ppo", "grpo"):
             raise DataError(f"{FLAGS.workdir} is a {config.task} run without the chat format; "
                             "fine-tune it first (experiments/gpt_sft.py), or sample plain text "
                             "with python -m experiments.sample")

@@ -184,6 +184,10 @@ def test_ppo_run_ratio_one_at_first_update_and_exact_resume(rl_base, tmp_path):
     assert {"score", "kl", "response_length", "truncated"} <= set(final)
     samples = [json.loads(x) for x in (full / "eval_generations.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and {"prompt", "reference", "answer", "score"} <= set(samples[0])
+    # A PPO run talks in the chat format (the value head is not part of the language model).
+    answer = run("experiments.chat", f"--workdir={full}", "--prompt=Whose son was Boaz?",
+                 "--max_new_tokens=4").stdout
+    assert "error" not in answer
     split = tmp_path / "split"
     config = rl_config(rl_base, **{"rl.adaptive_kl": True, "rl.kl_target": 0.01,
                                    "rl.kl_horizon": 100})
