@@ -64,15 +64,10 @@ def sample_pairs(config, data, out_dir):
     for split, rows, (questions, refs) in (
             ("train", data["train_rows"], data["train_text"]),
             ("dev", data["dev_rows"], data["dev_text"])):
-        pairs, size = [], config.batch_size
-        n = len(rows["index"])
-        for start in range(0, n, size):
-            part = {k: v[start:start + size] for k, v in rows.items()}
-            real = len(part["index"])
-            part = {k: np.concatenate([v, np.repeat(v[:1], size - real, 0)])
-                    for k, v in part.items()}
+        pairs, size, n = [], config.batch_size, len(rows["index"])
+        for i, (real, part) in enumerate(ppo.padded_batches(rows, size)):
             host = jax.device_get(rollout(params, part["prompt"], part["prompt_valid"],
-                                          part["index"], jax.random.key(start)))
+                                          part["index"], jax.random.key(i * size)))
             host = {k: v[:group * real] for k, v in host.items()}
             _, texts = ppo.decode_responses(host["tokens"], end_id, tokenizer)
             scores = ppo.score_rollouts(data, host, (questions, refs), end_id, tokenizer)

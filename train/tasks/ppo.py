@@ -142,8 +142,7 @@ def prompt_width(config) -> int:
 
 def prompt_rows(prompts, width, pad_id):
     """Left-padded prompt rows (prompts too long keep BOS and their end), and their index."""
-    fitted = [p if len(p) <= width else p[:1] + p[len(p) - width + 1:] for p in prompts]
-    tokens, valid = gpt.left_pad(fitted, width, pad_id)
+    tokens, valid = gpt.left_pad([sft.fit_prompt(p, width) for p in prompts], width, pad_id)
     return {"prompt": tokens, "prompt_valid": valid,
             "index": np.arange(len(prompts), dtype=np.int32)}
 
@@ -255,6 +254,22 @@ def load_reward_model(run, config, tokenizer):
 
 
 # ---- per-token quantities ----------------------------------------------------------------------
+
+def reference_params(params, reference, lora):
+    """The reference model's weights: with LoRA the policy's with the adapters switched off."""
+    return dpo.switch_off_adapters(params) if lora else reference
+
+
+def padded_batches(rows, size):
+    """(real row count, rows) per batch of `size`; the last one filled with copies of its
+    first row, so every batch has one shape (one compilation)."""
+    n = len(rows["index"])
+    for start in range(0, n, size):
+        real = min(size, n - start)
+        part = {k: v[start:start + size] for k, v in rows.items()}
+        yield real, {k: np.concatenate([v, np.repeat(v[:1], size - real, 0)])
+                     for k, v in part.items()}
+
 
 def kl_terms(logp, ref_logp, estimator):
     """Per-token estimate of KL(pi || ref) from tokens sampled from pi (module docstring)."""
@@ -444,17 +459,14 @@ def make_train_step(setup, config, data):
             {k: shardings[k] for k in weights if k in shardings})
     data["rollout_fn"] = rollout_fn = make_rollout_fn(config, end_id, replicated)
 
-    def reference_of(params, reference):
-        return dpo.switch_off_adapters(params) if lora else reference
-
-    def prepare(state, reference, rows, scores, rng):
+    def prepare(state, reference, rows, scores):
         """Advantages and the other per-token arrays of the whole rollout batch."""
         params = step_lib.full_params(state.params, state.frozen)
         mask = response_mask(rows["tokens"], end_id)
         logp, _, values = token_outputs(net, params, rows, rl.temperature,
                                         value=learner.value)
         ref_logp, _, _ = token_outputs(net, jax.lax.stop_gradient(
-            reference_of(params, reference)), rows, rl.temperature)
+            reference_params(params, reference, lora)), rows, rl.temperature)
         # The trainer's own log-probs are the "old" ones: equal to the sampler's in fp32
         # (sampler_error, tested to 1e-5), and the ratio is exactly 1 at the first update even in
         # bf16, where the KV-cache path and the full pass round differently.
@@ -481,11 +493,12 @@ def make_train_step(setup, config, data):
             out.update(advantages=adv, token_weight=mask / jnp.maximum(length, 1.0)[:, None])
             explained = None  # no value head
         stats = {"sampler_error": jnp.max(jnp.abs(logp - rows["old_logp"]) * mask),
-                 "kl": jnp.mean(kl_seq), "explained_variance": explained, "kl_coef": kl_coef}
+                 "kl": jnp.mean(kl_seq), "explained_variance": explained, "kl_coef": kl_coef,
+                 "length": length}
         return out, stats
 
     def update(state, reference, rows, scores, rng):
-        batch, stats = prepare(state, reference, rows, scores, rng)
+        batch, stats = prepare(state, reference, rows, scores)
         n = rows["tokens"].shape[0]
         size = n // rl.minibatches
         orders = jnp.stack([jax.random.permutation(jax.random.fold_in(rng, e), n)
@@ -528,8 +541,6 @@ def make_train_step(setup, config, data):
         params, opt_state, extra = jax.lax.cond(
             bad, lambda: (state.params, state.opt_state, state.extra),
             lambda: (params, opt_state, extra))
-        mask = response_mask(rows["tokens"], end_id)
-        length = jnp.sum(mask, axis=1)
         metrics_out = {
             **{f"{k}_sum": v for k, v in out.items()},
             "weight_sum": jnp.float32(1.0),
@@ -537,7 +548,7 @@ def make_train_step(setup, config, data):
             "kl_sum": stats["kl"], "kl_coef_sum": stats["kl_coef"],
             "first_clipfrac_sum": first_clip,
             "sampler_error_sum": stats["sampler_error"],
-            "response_length_sum": jnp.mean(length),
+            "response_length_sum": jnp.mean(stats["length"]),
             "truncated_sum": jnp.mean((jnp.sum((rows["tokens"] == end_id), 1) == 0)
                                       .astype(jnp.float32)),
             "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
@@ -665,28 +676,23 @@ def evaluate_predictions(params, data, config, workdir) -> dict:
     per response), response length, share cut at the limit; the samples in SAMPLES_FILE."""
     rl, rows_all = config.rl, data["dev_rows"]
     end_id, tokenizer = data["chat_ids"]["end"], data["tokenizer"]
-    net = lm.build_model(config)
     if "eval_fn" not in data:
         mesh = jax.tree.leaves(params)[0].sharding.mesh
-        lora = step_lib.uses_lora(config)
+        net, lora = lm.build_model(config), step_lib.uses_lora(config)
 
         def ref_logps(params, reference, rows):
-            ref = dpo.switch_off_adapters(params) if lora else reference
+            ref = reference_params(params, reference, lora)
             return token_outputs(net, ref, rows, rl.temperature)[0]
 
         data["eval_fn"] = jax.jit(ref_logps, out_shardings=NamedSharding(mesh, PartitionSpec()))
         if "rollout_fn" not in data:
             data["rollout_fn"] = make_rollout_fn(config, end_id,
                                                  NamedSharding(mesh, PartitionSpec()))
-    n, size = len(rows_all["index"]), config.batch_size
     scores, kls, lengths, cut, samples = [], [], [], [], []
     rng = jax.random.key(config.seed + 1)
-    for start in range(0, n, size):
-        real = min(size, n - start)
-        part = {k: v[start:start + size] for k, v in rows_all.items()}
-        part = {k: np.concatenate([v, np.repeat(v[:1], size - real, 0)]) for k, v in part.items()}
+    for i, (real, part) in enumerate(padded_batches(rows_all, config.batch_size)):
         rows = data["rollout_fn"](params, part["prompt"], part["prompt_valid"], part["index"],
-                                  jax.random.fold_in(rng, start))
+                                  jax.random.fold_in(rng, i * config.batch_size))
         ref = data["eval_fn"](params, data.get("reference", data.get("reference_weights")), rows)
         host = jax.device_get(rows)
         keep = np.arange(real * rl.group_size)

@@ -232,11 +232,15 @@ def make_generate_fn(params, config, end_id, max_new_tokens, temperature=0.0):
                    out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
+def fit_prompt(prompt, width):
+    """A prompt too long for `width` keeps BOS and its end (the question sits last)."""
+    return prompt if len(prompt) <= width else prompt[:1] + prompt[len(prompt) - width + 1:]
+
+
 def generate(params, prompts, generate_fn, *, width, batch_size, pad_id, end_id, seed=0):
     """The generated ids of each prompt (cut at end_id), in batches of `batch_size` prompts
     left-padded to `width`, so generate_fn compiles once."""
-    # A prompt too long for the width keeps BOS and its end (the question sits last).
-    fitted = [p if len(p) <= width else p[:1] + p[len(p) - width + 1:] for p in prompts]
+    fitted = [fit_prompt(p, width) for p in prompts]
     outputs, rng = [], jax.random.key(seed)
     for start in range(0, len(fitted), batch_size):
         chunk = fitted[start:start + batch_size]
