@@ -256,6 +256,12 @@ def test_bad_rewards_and_settings_are_one_clear_error():
         tasks.get("grpo").configure(override(config))
     with pytest.raises(ConfigError, match="set --config.init_from"):
         ppo.configure(gpt_ppo.get_config("smoke"))
+    for key, value, message in (("rl.lam", 1.5, "must be >= 0 and <= 1"),
+                                ("rl.clip", 0.0, "must be > 0"),
+                                ("rl.stall_steps", -1, "must be >= 0")):
+        bad = override(gpt_ppo.get_config("smoke"), init_from="somewhere", **{key: value})
+        with pytest.raises(ConfigError, match=f"config.{key}={value} {message}"):
+            ppo.configure(bad)
 
 
 def test_stall_rules():

@@ -99,8 +99,24 @@ def configure(config):
                           f"{rollouts} rollouts of a step (batch_size x group_size)")
     if rl.epochs < 1:
         raise ConfigError(f"config.rl.epochs={rl.epochs} must be >= 1")
+    ranges = {"clip": (0, None, True), "vf_clip": (0, None, True), "vf_coef": (0, None, False),
+              "gamma": (0, 1, False), "lam": (0, 1, False), "kl_target": (0, None, True),
+              "kl_horizon": (0, None, True), "stall_steps": (0, None, False),
+              "max_new_tokens": (1, None, False)}
+    for key, (low, high, low_open) in ranges.items():
+        value = rl[key]
+        if not (value > low if low_open else value >= low) or (high is not None and value > high):
+            bound = f"> {low}" if low_open else f">= {low}"
+            raise ConfigError(f"config.rl.{key}={value} must be {bound}"
+                              + (f" and <= {high}" if high is not None else "")
+                              + f"; the preset's value is {PRESET_HINTS[key]}")
     parse_reward(rl.reward)  # the syntax, before any work
     sft.configure(config)
+
+
+PRESET_HINTS = {"clip": "0.2", "vf_clip": "0.2", "vf_coef": "0.1", "gamma": "1.0",
+                "lam": "0.95", "kl_target": "6.0", "kl_horizon": "10000", "stall_steps": "10",
+                "max_new_tokens": "16"}
 
 
 def parse_reward(spec: str):
@@ -552,7 +568,8 @@ def make_train_step(setup, config, data):
             "truncated_sum": jnp.mean((jnp.sum((rows["tokens"] == end_id), 1) == 0)
                                       .astype(jnp.float32)),
             "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
-            "learning_rate": schedule(state.step * per_step), "nonfinite": jnp.max(per["nonfinite"]),
+            "learning_rate": schedule(state.step * per_step),
+            "nonfinite": jnp.max(per["nonfinite"]),
             "updates_sum": jnp.float32(per_step)}
         if stats["explained_variance"] is not None:
             metrics_out["explained_variance_sum"] = stats["explained_variance"]
