@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from data import sources, squad
+from data import sources, squad, squad_eval
 from data import tokenizer as tok
 from data.errors import DataError
 
@@ -438,8 +438,8 @@ def with_shots(prefix, conv: Conversation) -> Conversation:
 
 def answer_scores(prediction: str, answers) -> tuple[float, float]:
     """(exact match, token F1) of a generated answer, each the best over the gold answers
-    (the official SQuAD definitions of data/squad.py), in [0, 1]."""
+    (the official SQuAD definitions of data/squad_eval.py), in [0, 1]."""
     if not answers:
         raise ValueError("answer_scores needs at least one gold answer")
-    return (max(squad.exact_match(prediction, gold) for gold in answers),
-            max(squad.f1_score(prediction, gold) for gold in answers))
+    return (max(squad_eval.exact_match(prediction, gold) for gold in answers),
+            max(squad_eval.f1_score(prediction, gold) for gold in answers))

@@ -1,4 +1,4 @@
-"""Our SentencePiece models written as Hugging Face tokenizers (`Tokenizer.export_hf`).
+"""Our SentencePiece models written as Hugging Face tokenizers (`tokenizer_io.export_hf`).
 
 The model is rebuilt with the `tokenizers` library: the same pieces at the same ids, BPE merges
 derived from the pieces (or the unigram scores as they are), SentencePiece's dummy "▁" prefix

@@ -52,8 +52,10 @@ class BaseTokenizer:
       (ids, char_starts, char_ends), str offsets, a span never starting with a space;
       decode(ids) -> text, skipping special ids and ids >= vocab_size (model vocabulary
       padding); id_to_piece(i); is_word_start(i): the piece begins a word (whole-word
-      masking); save(directory): the files to load it again (see load_run_tokenizer);
-      export_hf(directory, model_family): a Hugging Face tokenizer folder.
+      masking); save(directory): the files to load it again (data/tokenizer_io.py
+      load_run_tokenizer reads them); a Hugging Face folder's tokenizers also have
+      export_hf(directory, model_family), their own files copied (tokenizer_io.export_hf
+      writes any tokenizer, ours rebuilt by data/hf_export.py).
       pad_id, unk_id, bos_id, eos_id, cls_id, sep_id, mask_id: an id, or None when the
       vocabulary has no such token.
     Defined here: encode_target, special_ids, ordinary_ids.
@@ -187,13 +189,10 @@ class Tokenizer(BaseTokenizer):
         """Writes directory/tokenizer.model (atomically)."""
         _write_atomic(os.path.join(directory, MODEL_FILE), self._proto)
 
-    def export_hf(self, directory: str, model_family: str) -> None:
-        """Writes a Hugging Face tokenizer of this model into directory (tokenizer.json and
-        its configs; Marian's spm files and vocab.json for model_family "transformer")."""
-        from data import hf_export
-
-        special = {name: getattr(self, f"{name}_id") for name in SPECIAL_NAMES}
-        hf_export.export_sentencepiece(self._proto, special, directory, model_family)
+    @property
+    def model_proto(self) -> bytes:
+        """The serialized SentencePiece model (data/hf_export.py rebuilds it for transformers)."""
+        return self._proto
 
     def with_special_tokens(self, tokens, directory: str) -> "Tokenizer":
         """This model with `tokens` appended as control pieces (ids vocab_size, vocab_size + 1,
@@ -332,22 +331,3 @@ def load_tokenizer(path: str) -> Tokenizer:
             "tokenizer.model into the workdir) or point to the workdir that has it"
         ) from None
     return Tokenizer(str(path), model_proto)
-
-
-def load_hf_tokenizer(directory: str):
-    """The tokenizer of a Hugging Face model folder (data/hf_tokenizer.py)."""
-    from data import hf_tokenizer
-
-    return hf_tokenizer.load_hf_tokenizer(directory)
-
-
-def load_run_tokenizer(workdir: str):
-    """The tokenizer a run folder holds: its tokenizer.model, else its hf_tokenizer/ folder."""
-    if os.path.exists(os.path.join(workdir, MODEL_FILE)):
-        return load_tokenizer(os.path.join(workdir, MODEL_FILE))
-    if os.path.isdir(os.path.join(workdir, HF_DIR)):
-        return load_hf_tokenizer(os.path.join(workdir, HF_DIR))
-    raise DataError(
-        f"{workdir} holds no tokenizer (neither {MODEL_FILE} nor {HF_DIR}/); train the run "
-        "first (it writes one), or point to the run folder that has it"
-    )

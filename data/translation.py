@@ -8,7 +8,7 @@ vocabulary (train the tokenizer on source and target text together) and batches 
 similar length to waste little compute on padding; here consecutive pairs are packed into
 fixed-length rows instead, with segment ids so that no pair attends to another. BLEU (section
 6.1; Papineni et al. 2002) is sacrebleu's standard corpus score with its 13a tokenization on
-detokenized text, the number that goes into metrics and the README.
+detokenized text, the number that goes into metrics and docs/translation.md.
 """
 
 import os

@@ -10,7 +10,7 @@ Translation runs: the text is translated (beam search), then one PNG per decoder
 every head's encoder-decoder attention, generated target tokens (rows) against source tokens
 (columns). GPT and BERT runs: one PNG per layer of self-attention (GPT's is causal, so its
 upper triangle is empty). The weights come from the explicit einsum/softmax attention path,
-which computes the same function as the fast path (tests/models/test_layers.py).
+which computes the same function as the fast path (tests/models/test_attention.py).
 """
 import os
 
@@ -25,8 +25,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from data.errors import DataError  # noqa: E402
 from models import layers  # noqa: E402
-from train import checkpoint, cli, tasks  # noqa: E402
+from train import cli, runs  # noqa: E402
 from train.tasks import seq2seq  # noqa: E402
+from train import errors
 
 flags.DEFINE_string("workdir", "", "A trained run folder (GPT, BERT or Transformer).")
 flags.DEFINE_string("text", "", "The sentence to attend over (translated for a Transformer).")
@@ -108,9 +109,9 @@ def main(argv):
     try:
         if not FLAGS.workdir or not FLAGS.text.strip():
             raise DataError("pass --workdir=<run folder> and --text=<a sentence>")
-        config, tokenizer, params, task = tasks.load_run(FLAGS.workdir)
+        config, tokenizer, params, task = runs.load_run(FLAGS.workdir)
         rows, cols, maps, kind = attention_weights(config, params, task, tokenizer, FLAGS.text)
-    except (DataError, checkpoint.CheckpointMismatchError) as e:
+    except (DataError, errors.CheckpointMismatchError) as e:
         cli.fail(str(e))
     os.makedirs(FLAGS.out, exist_ok=True)
     for name, weights in jax.tree_util.tree_leaves_with_path(maps):

@@ -11,7 +11,7 @@ random batch of the task's shapes (task.bench_batch; for BERT, 15% of positions 
 median of --steps timed steps after --warmup untimed ones. The median shrugs off a noisy
 neighbour on a shared machine; experiments/bench_reference.py times the baselines the same
 way. MFU counts non-embedding + attention FLOPs (LM head excluded, as for the baselines in
-README) over the peak of train/metrics.py: on CPU a measured fp32 matmul (the faster of a
+docs/benchmarks.md) over the peak of train/metrics.py: on CPU a measured fp32 matmul (the faster of a
 measurement before and one after the steps), on GPU/TPU the data-sheet bf16 peak. Training
 runs with train.main's CPU allocator setting (train/host.py).
 Generation (GPT configs): a 32-token prompt continued by 128 tokens with the KV cache, batch 1
@@ -32,7 +32,7 @@ from ml_collections import config_flags
 
 from models import gpt
 from train import cli, config as config_lib, host, memory, metrics as metrics_lib, sharding, tasks
-from train.config import ConfigError
+from train.errors import ConfigError
 from train import step as step_lib
 from train.tasks import lm
 

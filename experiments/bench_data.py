@@ -13,7 +13,7 @@ until the size is reached; written once into --out), it measures, in one run:
      and at size_mb, and of the same run in memory (in memory at size_mb only with
      --in_memory_full, as it tokenizes the whole corpus in one loop first).
 --parts picks some of the three; results of earlier parts stay in --out/results.json.
-Measured figures: README "Large corpora".
+Measured figures: docs/data.md "Large corpora".
 """
 import itertools
 import json
@@ -25,7 +25,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from data import lm as lm_data
+from data import lm as lm_data, tokenizer_io
 from data import prepared, sources
 from data import tokenizer as tok
 from experiments import gpt
@@ -154,13 +154,13 @@ def prepare_part(small: str, large: str, out) -> dict:
     results.update(prepare_large_s=large_s, large_tokens=tokens,
                    prepare_tokens_per_s=tokens / large_s)
 
-    tokenizer = tok.load_run_tokenizer(out("prep_small"))
+    tokenizer = tokenizer_io.load_run_tokenizer(out("prep_small"))
     docs = first_documents(large, FLAGS.sample_mb)
     t0 = time.perf_counter()
     ids, _ = lm_data.tokenize_documents(docs, tokenizer)
     results["single_loop_tokens_per_s"] = len(ids) / (time.perf_counter() - t0)
     import tokenizers
-    tokenizer.export_hf(out("hf_tokenizer"), "gpt")
+    tokenizer_io.export_hf(tokenizer, out("hf_tokenizer"), "gpt")
     hf = tokenizers.Tokenizer.from_file(out("hf_tokenizer", "tokenizer.json"))
     t0 = time.perf_counter()
     encoded = hf.encode_batch(docs, add_special_tokens=False)

@@ -7,8 +7,8 @@ against Hugging Face `generate` on the same shape, and per-device memory with Lo
 The policy is randomly initialised at the preset's shape (no checkpoint is read), the prompts
 are random token ids of --prompt_len, every rollout runs --new_tokens (no end token is ever
 special-cased), and the reward is the host token F1 against a fixed answer, so the split measures our machinery.
-The step is the real one of train/tasks/ppo.py (make_train_step): the same jitted rollout and
-update a training run uses. Memory is XLA's buffer assignment of the compiled update (arguments
+The step is the real one of train/tasks/ppo.py (make_train_step, composed from train/rl/): the
+same jitted rollout and update a training run uses. Memory is XLA's buffer assignment of the compiled update (arguments
 + temporaries, per device) for full fine-tuning and for LoRA (rank --lora_rank); on CPU the
 process peak RSS is printed too. Hugging Face: GPT2LMHeadModel of the same shape, sampling
 with its KV cache, fp32, torch on the same threads.
@@ -48,7 +48,7 @@ def make_config(lora_rank):
     return override(c, **{
         "batch_size": FLAGS.batch, "data.max_len": FLAGS.prompt_len + FLAGS.new_tokens,
         "rl.max_new_tokens": FLAGS.new_tokens, "rl.stall_steps": 0, "model.lora_rank": lora_rank,
-        "rl.reward": "fn:experiments.gpt_ppo:answer_f1", "num_train_steps": 1000,
+        "rl.reward": "fn:train.rl.rewards:answer_f1", "num_train_steps": 1000,
         "mesh.data": 1})
 
 
@@ -58,6 +58,7 @@ def build_step(lora_rank):
     import jax
 
     from train import sharding, step as step_lib, tasks
+    from train.rl import rewards, settings
     config = make_config(lora_rank)
     task = tasks.get("ppo")
     s = step_lib.build(task, config)
@@ -69,10 +70,10 @@ def build_step(lora_rank):
         full = step_lib.full_params(state.params, state.frozen)
         data = {"tokenizer": _Tokens(), "chat_ids": {"end": config.model.vocab_size - 1},
                 "train_text": ([""] * FLAGS.batch, [("7",)] * FLAGS.batch),
-                "reward": task.module.load_reward(config, None)}
+                "reward": rewards.load_reward(config, None)}
         if not lora_rank:
             data["reference_weights"] = jax.device_get(
-                {k: v for k, v in full.items() if k != task.module.VALUE_HEAD})
+                {k: v for k, v in full.items() if k != settings.VALUE_HEAD})
         train_step = task.make_train_step(s, config, data)
         batch = sharding.global_batch(
             {"prompt": prompts, "prompt_valid": np.ones_like(prompts),

@@ -12,9 +12,13 @@ decay 0.01, 10k warmup steps then linear decay, batch 256, sequences of 128 toke
 first 90% of steps; rerun with --config.data.max_len=512 --config.data.max_predictions=80 for the
 rest).
 
-Measured results: README "BERT".
+Measured results: docs/bert.md.
 """
+import os
+
 import ml_collections
+
+from data import sources
 
 # name: (num_layers, d_model, num_heads, vocab_size, seq_len, max_predictions)
 PRESETS = {
@@ -74,6 +78,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # A step whose loss or gradient norm is not finite stops the run (0), or is skipped, up to
     # this many in a row, and counted in the metrics as skipped_steps.
     c.skip_nonfinite_steps = 0
+    # XLA's compiled programs are kept here, so a resumed or preempted run starts without
+    # compiling again ("" turns it off; train/profiling.py).
+    c.compilation_cache_dir = os.path.join(sources.default_cache_dir(), "xla")
+    c.profile_steps = ""  # "FIRST-LAST": a profiler trace of those steps in <workdir>/profile
 
     if arg in ("smoke", "tiny", "mini"):
         # Small models on a 2-core CPU: no dropout, a short warmup and a larger step size.

@@ -9,7 +9,7 @@ regression). --config.init_from names the pretraining run; its tokenizer is reus
 
 Variants match experiments/bert.py (smoke, tiny, mini, base, large), so the encoder shapes agree.
 base/large use the paper's fine-tuning recipe: batch 32, lr 2e-5, 3 epochs, 10% warmup.
-Measured results: README "BERT".
+Measured results: docs/bert.md.
 """
 from experiments import bert
 

@@ -7,7 +7,7 @@ Command (the CPU demo: genealogy questions from the Bible, a third unanswerable,
 SQuAD itself: --config.data.source=train-v2.0.json --config.data.eval_source=dev-v2.0.json.
 Each eval writes predictions.json (official format) and, for v2.0, the no-answer threshold
 chosen on the held-apart training questions (data.holdout_fraction), which predict_qa uses.
-base/large follow the paper: max_len 384, doc stride 128, lr 3e-5, batch 32, 2 epochs. Measured results: README "BERT".
+base/large follow the paper: max_len 384, doc stride 128, lr 3e-5, batch 32, 2 epochs. Measured results: docs/bert.md.
 """
 from experiments import bert
 

@@ -20,7 +20,7 @@ from absl import flags, logging
 from data import chat
 from data.errors import DataError
 from models import gpt
-from train import checkpoint, cli, tasks
+from train import cli, errors, runs
 from train.tasks import lm
 
 flags.DEFINE_string("workdir", None, "A run folder trained with experiments/gpt_sft.py.",
@@ -75,7 +75,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only opens
     try:
-        config, tokenizer, params, _ = tasks.load_run(FLAGS.workdir, families=("gpt",))
+        config, tokenizer, params, _ = runs.load_run(FLAGS.workdir, families=("gpt",))
         # The tasks that train in the chat format.
         if config.task not in ("sft", "dpo", "ppo", "grpo"):
             raise DataError(f"{FLAGS.workdir} is a {config.task} run without the chat format; "
@@ -96,7 +96,7 @@ def main(argv):
                 break
             answer = session.reply(line.strip())
             print(f"model> {answer}" if interactive else answer, flush=True)
-    except (DataError, checkpoint.CheckpointMismatchError) as e:
+    except (DataError, errors.CheckpointMismatchError) as e:
         cli.fail(str(e))
 
 

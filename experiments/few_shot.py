@@ -16,7 +16,7 @@ from absl import flags, logging
 
 from data import chat, sources
 from data.errors import DataError
-from train import checkpoint, cli, tasks
+from train import cli, errors, runs
 from train.tasks import sft
 
 flags.DEFINE_string("workdir", None, "A pretrained GPT run folder.", required=True)
@@ -66,7 +66,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)
     try:
-        config, tokenizer, params, _ = tasks.load_run(FLAGS.workdir, families=("gpt",))
+        config, tokenizer, params, _ = runs.load_run(FLAGS.workdir, families=("gpt",))
         if FLAGS.source == "bible":
             train, dev = chat.bible_qa(sources.bible_db("bible", None))
         elif not FLAGS.eval_source:
@@ -77,7 +77,7 @@ def main(argv):
         if len(train) < FLAGS.shots:
             raise DataError(f"--shots={FLAGS.shots} exceeds the {len(train)} training "
                             "conversations")
-    except (DataError, checkpoint.CheckpointMismatchError) as e:
+    except (DataError, errors.CheckpointMismatchError) as e:
         cli.fail(str(e))
     dev = dev[:FLAGS.limit] if FLAGS.limit else dev
     width = config.model.max_len - FLAGS.max_new_tokens

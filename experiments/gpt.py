@@ -10,13 +10,17 @@ Any key can be overridden: --config.opt.learning_rate=3e-4 --config.mesh.fsdp=2.
 
 Measured (2-core CPU, 2026-11-26): `tiny`, 1,500 steps in 6 minutes, eval loss 3.784 nats
 (perplexity 44.0) on Ruth, Jonah and Philemon against 6.034 for a unigram model of the
-training text; bench figures in README "Results".
+training text; bench figures in docs/benchmarks.md.
 """
+import os
+
 import ml_collections
+
+from data import sources
 
 # name: (num_layers, d_model, num_heads, vocab_size, max_len)
 PRESETS = {
-    "smoke": (2, 32, 2, 512, 32),
+    "smoke": (2, 32, 2, 512, 64),
     "tiny": (4, 128, 4, 2048, 128),
     "gpt1": (12, 768, 12, 40478, 512),
     "gpt2": (12, 768, 12, 50257, 1024),
@@ -35,7 +39,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "lm"
     c.seed = 0
-    c.init_from = ""  # hf:DIR starts from a Hugging Face GPT-2 folder (README)
+    c.init_from = ""  # hf:DIR starts from a Hugging Face GPT-2 folder (docs/pretrained.md)
     c.model = ml_collections.ConfigDict(dict(
         family="gpt", vocab_size=vocab_size, max_len=max_len, num_layers=num_layers,
         d_model=d_model, num_heads=num_heads, d_ff=4 * d_model, dropout_rate=0.1,
@@ -72,8 +76,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # A step whose loss or gradient norm is not finite stops the run (0), or is skipped, up to
     # this many in a row, and counted in the metrics as skipped_steps.
     c.skip_nonfinite_steps = 0
+    # XLA's compiled programs are kept here, so a resumed or preempted run starts without
+    # compiling again ("" turns it off; train/profiling.py).
+    c.compilation_cache_dir = os.path.join(sources.default_cache_dir(), "xla")
+    c.profile_steps = ""  # "FIRST-LAST": a profiler trace of those steps in <workdir>/profile
 
     if arg == "smoke":
+        # Rows of 32 tokens keep pretraining to seconds; the 64-token context is what the
+        # post-training smoke presets (gpt_sft.py, gpt_dpo.py, ...) need of their base run.
+        c.data.max_len = 32
         c.model.dropout_rate = 0.0
         c.batch_size = c.eval_batch_size = 8
         c.num_train_steps, c.eval_every_steps, c.log_every_steps = 20, 10, 5
@@ -93,7 +104,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.batch_size = 16 if arg == "bench_small" else 4
         if arg == "bench_small":
             # On a CPU, two devices run the two batch halves side by side, which is faster at
-            # this shape and slower at bench_124m's (README "Benchmark"). Ignored on GPU/TPU.
+            # this shape and slower at bench_124m's (docs/benchmarks.md). Ignored on GPU/TPU.
             c.mesh.cpu_devices = 2
     elif arg == "gpt1":
         c.opt.learning_rate, c.opt.warmup_steps = 2.5e-4, 2000  # Radford et al. 2018, sec. 4.1

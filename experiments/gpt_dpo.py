@@ -18,7 +18,7 @@ Variants: smoke (tests, seconds; init_from is set by the test), tiny (from runs/
 
 Measured (2-core CPU, 2026-12-03, 300 steps from the SFT demo run, 149 dev pairs): eval DPO loss
 0.729, pair accuracy 0.550, dev exact match 7.4% (the SFT run: 14.8%); at lr 1e-5 0.685, 0.570
-and 10.7%; LoRA rank 8 at lr 1e-3 0.762, 0.570 and 5.4%. README "GPT preference tuning (DPO)".
+and 10.7%; LoRA rank 8 at lr 1e-3 0.762, 0.570 and 5.4%. docs/gpt.md "Preference tuning (DPO)".
 """
 import ml_collections
 
@@ -49,7 +49,6 @@ def pairs_config(arg: str, what: str) -> ml_collections.ConfigDict:
         # Greedy dev answers at every eval (0: all dev pairs), scored against the chosen one.
         eval_generations=200, max_new_tokens=16, eval_temperature=0.0))
     if arg == "smoke":
-        c.model.max_len = c.data.max_len = 64
         c.data.eval_generations, c.data.max_new_tokens = 4, 4
     else:  # tiny
         c.batch_size = c.eval_batch_size = 16

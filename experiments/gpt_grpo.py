@@ -10,7 +10,7 @@ Prompts and rewards as experiments/gpt_ppo.py.
 Variants: smoke (tests, seconds; init_from is set by the test), tiny (from runs/gpt_sft).
 
 Measured (2-core CPU, 2026-12-03, 150 steps from the SFT demo run, 3m20s): dev reward (answer
-F1, sampled) 0.096 at KL 0.44 nats to the SFT run, which scores 0.094. README "PPO and GRPO".
+F1, sampled) 0.096 at KL 0.44 nats to the SFT run, which scores 0.094. docs/gpt.md "PPO and GRPO".
 """
 import ml_collections
 

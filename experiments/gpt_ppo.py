@@ -10,26 +10,21 @@ Commands (the CPU demo, after experiments/gpt_sft.py:tiny has fine-tuned runs/gp
 The prompts are SFT's (the genealogy questions, or --config.data.source=train.jsonl
 --config.data.eval_source=dev.jsonl in SFT's formats). The reward is a function named
 fn:MODULE:FUNCTION, called with the questions, the sampled responses and the reference answers
-and returning one float per response (default: answer_f1 below, the token F1 of the response
-against the reference answer), or model:RUN, a reward-model run (experiments/gpt_reward.py).
+and returning one float per response (default: train.rl.rewards.answer_f1, the token F1 of the
+response against the reference answer), or model:RUN, a reward-model run
+(experiments/gpt_reward.py).
 
 Variants: smoke (tests, seconds; init_from is set by the test), tiny (from runs/gpt_sft).
 
 Measured (2-core CPU, 2026-12-03, 150 steps from the SFT demo run; experiments/rl_frontier.py):
 training-prompt reward 0.866-0.883 at KL 0.08-0.23 nats to the SFT run (0.903), dev 0.081-0.094
-(SFT 0.094) for kl_coef 0.2-0.01. README "PPO and GRPO".
+(SFT 0.094) for kl_coef 0.2-0.01. docs/gpt.md "PPO and GRPO".
 """
 import ml_collections
 
-from data import chat
 from experiments import gpt
 
 PRESETS = ("smoke", "tiny")
-
-
-def answer_f1(questions, responses, references):
-    """The token F1 (0 to 1) of each response against its best reference answer."""
-    return [chat.answer_scores(r, refs)[1] for r, refs in zip(responses, references)]
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -52,9 +47,9 @@ def rl_config(arg: str, task: str) -> ml_collections.ConfigDict:
         # Dev prompts sampled (at rl.temperature) at every eval; 0: all of them.
         max_len=c.model.max_len, eval_generations=200, max_new_tokens=16))
     c.rl = ml_collections.ConfigDict(dict(
-        reward="fn:experiments.gpt_ppo:answer_f1",
+        reward="fn:train.rl.rewards:answer_f1",
         temperature=1.0, max_new_tokens=16,
-        kl_coef=0.05, kl_estimator="k1",  # k1 | k2 | k3 (train/tasks/ppo.py)
+        kl_coef=0.05, kl_estimator="k1",  # k1 | k2 | k3 (train/rl/advantages.py)
         adaptive_kl=False, kl_target=6.0, kl_horizon=10000,  # Ziegler et al. 2019
         epochs=2, minibatches=2, clip=0.2, vf_clip=0.2, vf_coef=0.1, gamma=1.0, lam=0.95,
         whiten=True, group_size=1,
@@ -62,7 +57,6 @@ def rl_config(arg: str, task: str) -> ml_collections.ConfigDict:
     # 1e-4 on the 1M-parameter tiny model: a clip fraction of a few percent (1e-5 barely moves).
     c.opt.update(learning_rate=1e-4, warmup_steps=0, weight_decay=0.0)
     if arg == "smoke":
-        c.model.max_len = c.data.max_len = 64
         c.rl.max_new_tokens, c.data.eval_generations = 6, 8
         c.batch_size = 8
         c.num_train_steps, c.eval_every_steps = 4, 4

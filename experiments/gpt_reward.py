@@ -14,7 +14,7 @@ its rollouts with such a run: --config.rl.reward=model:runs/gpt_reward (experime
 Variants: smoke (tests, seconds; init_from is set by the test), tiny (from runs/gpt_sft).
 
 Measured (2-core CPU, 2026-12-03, 300 steps from the SFT demo run, 2m22s): held-out pair
-accuracy 0.617, mean margin 1.141 (0.631 at step 200). README "Reward model".
+accuracy 0.617, mean margin 1.141 (0.631 at step 200). docs/gpt.md "Reward model".
 """
 import ml_collections
 

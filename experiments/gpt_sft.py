@@ -19,7 +19,7 @@ The model's shape always follows config.init_from's run (train/tasks/sft.py conf
 Measured (2-core CPU, 2026-12-02, from the `make demo` runs/gpt_tiny, 600 steps): dev exact
 match on the 149 held-out questions 14.8% with full fine-tuning (1m22s), 12.8% with LoRA rank 8
 at lr 5e-3 (73,728 trained parameters, 1m54s), against 0.0% for the base model with 0, 1 or 3
-plain-text shots (experiments.few_shot). README "GPT fine-tuning (SFT) and LoRA" has the rest.
+plain-text shots (experiments.few_shot). docs/gpt.md "Supervised fine-tuning (SFT) and LoRA" has the rest.
 """
 import ml_collections
 
@@ -41,7 +41,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         eval_generations=200, max_new_tokens=16, eval_temperature=0.0))
     c.opt.update(learning_rate=1e-3, warmup_steps=50, weight_decay=0.0)
     if arg == "smoke":
-        c.model.max_len = c.data.max_len = 64
         c.data.eval_generations, c.data.max_new_tokens = 8, 4
     else:  # tiny
         c.batch_size = c.eval_batch_size = 16

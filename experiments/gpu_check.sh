@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of README "GPU check": one table, about 5-8 minutes on one H100.
+# The GPU check of docs/clusters.md "GPU check": one table, about 5-8 minutes on one H100.
 #   experiments/gpu_check.sh           # on a GPU machine
 #   experiments/gpu_check.sh --smoke   # tiny shapes, to check the script on a CPU
 set -euo pipefail

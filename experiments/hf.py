@@ -24,8 +24,8 @@ from ml_collections import config_flags
 
 from data.errors import DataError
 from models import hf, layers
-from train import checkpoint, cli, pretrained
-from train.config import ConfigError
+from train import cli, errors, hf_runs, pretrained
+from train.errors import ConfigError
 
 flags.DEFINE_string("workdir", None, "The run folder: written by an import, read by an "
                     "export.", required=True)
@@ -60,7 +60,7 @@ def main(argv):
         if FLAGS.import_from:
             config, name = (FLAGS.config, "--config") if FLAGS.config else \
                 _default_config(FLAGS.import_from)
-            report = pretrained.import_run(FLAGS.import_from, FLAGS.workdir, config)
+            report = hf_runs.import_run(FLAGS.import_from, FLAGS.workdir, config)
             m = config.model
             print(f"imported {FLAGS.import_from} ({m.family}: {m.num_layers} layers, width "
                   f"{m.d_model}, vocabulary {m.vocab_size} padded to "
@@ -72,10 +72,10 @@ def main(argv):
             if report["unused"]:
                 print(f"in the checkpoint but unused: {report['unused']}")
         else:
-            out = pretrained.export_run(FLAGS.workdir, FLAGS.export_to)
+            out = hf_runs.export_run(FLAGS.workdir, FLAGS.export_to)
             print(f"exported {FLAGS.workdir} as {out['architectures'][0]} into "
                   f"{FLAGS.export_to} in {time.perf_counter() - start:.1f} s")
-    except (DataError, ConfigError, checkpoint.CheckpointMismatchError,
+    except (DataError, ConfigError, errors.CheckpointMismatchError,
             hf.UnsupportedCheckpoint) as e:
         cli.fail(str(e))
 

@@ -17,7 +17,7 @@ from absl import flags, logging
 
 from data.errors import DataError
 from models import lora
-from train import checkpoint, cli, pretrained, step as step_lib, tasks
+from train import checkpoint, cli, errors, hf_runs, runs, step as step_lib
 
 flags.DEFINE_string("workdir", None, "A run trained with --config.model.lora_rank > 0.",
                     required=True)
@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 
 def merge_run(workdir: str, out: str) -> dict:
     """Writes the merged run of `workdir` into `out`; returns its config."""
-    config, tokenizer, params, task = tasks.load_run(workdir)
+    config, tokenizer, params, task = runs.load_run(workdir)
     if not config.model.get("lora_rank", 0):
         raise DataError(f"{workdir} has no LoRA adapters (config.model.lora_rank=0): it is a "
                         "plain run already")
@@ -39,7 +39,7 @@ def merge_run(workdir: str, out: str) -> dict:
     data_state = ckpt.data_state(step)
     ckpt.close()
     s = step_lib.build(task, config, mesh_config={"data": -1})
-    tmp = pretrained._new_folder(out)
+    tmp = hf_runs.new_folder(out)
     try:
         with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
             merged = jax.device_put(merged, s.state_shardings.params)
@@ -53,7 +53,7 @@ def merge_run(workdir: str, out: str) -> dict:
             f.write(config.to_json(indent=2))
         if os.path.exists(os.path.join(workdir, "metrics.jsonl")):  # the history, for compare
             shutil.copy(os.path.join(workdir, "metrics.jsonl"), tmp)
-        pretrained._commit(tmp, out)
+        hf_runs.commit_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -65,7 +65,7 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
     try:
         merge_run(FLAGS.workdir, FLAGS.out)
-    except (DataError, checkpoint.CheckpointMismatchError) as e:
+    except (DataError, errors.CheckpointMismatchError) as e:
         cli.fail(str(e))
     print(f"wrote {FLAGS.out}: the adapters of {FLAGS.workdir} merged into its base weights")
 

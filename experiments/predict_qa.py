@@ -13,9 +13,9 @@ import os
 
 from absl import flags, logging
 
-from data import squad
+from data import squad, squad_eval
 from data.errors import DataError
-from train import checkpoint, cli, tasks
+from train import cli, errors, runs
 from train.tasks import span_qa
 
 flags.DEFINE_string("workdir", None, "A fine-tuned span-QA run folder.", required=True)
@@ -35,10 +35,10 @@ def answer(config, tokenizer, params, context: str, question: str, threshold=Non
                                       doc_stride=d.doc_stride, max_query_len=d.max_query_len,
                                       train=False)
     start, end = span_qa.predict_logits(params, rows, config)
-    answers, diffs = squad.postprocess([example], meta, start, end, n_best=d.n_best,
-                                       max_answer_len=d.max_answer_len)
+    answers, diffs = squad_eval.postprocess([example], meta, start, end, n_best=d.n_best,
+                                            max_answer_len=d.max_answer_len)
     if threshold is not None:
-        answers = squad.apply_null_threshold(answers, diffs, threshold)
+        answers = squad_eval.apply_null_threshold(answers, diffs, threshold)
     return answers["q"], diffs["q"]
 
 
@@ -46,7 +46,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only opens
     try:
-        config, tokenizer, params, task = tasks.load_run(FLAGS.workdir, families=("bert",))
+        config, tokenizer, params, task = runs.load_run(FLAGS.workdir, families=("bert",))
         if task.name != "span_qa":
             raise DataError(f"{FLAGS.workdir} is a {config.task} run, not span QA; fine-tune "
                             "one with experiments/bert_squad.py")
@@ -56,7 +56,7 @@ def main(argv):
             with open(path, encoding="utf-8") as f:
                 threshold = json.load(f)["null_threshold"]
         text, diff = answer(config, tokenizer, params, FLAGS.context, FLAGS.question, threshold)
-    except (DataError, checkpoint.CheckpointMismatchError) as e:
+    except (DataError, errors.CheckpointMismatchError) as e:
         cli.fail(str(e))
     print(f"answer: {text}" if text else "answer: (no answer in the context)")
     print(f"null score - best span score: {diff:.3f}"

@@ -24,8 +24,7 @@ import tqdm
 from absl import flags
 from ml_collections import config_flags
 
-from data import bert_pretrain, prepared, sources, translation
-from data import lm as lm_data
+from data import bert_pretrain, hf_tokenizer, prepared, sources, tokenizer_io, translation
 from data import tokenizer as tok
 from data.errors import DataError
 
@@ -50,7 +49,7 @@ PIECE_DOCS = 1000
 
 
 def _init_worker(directory: str) -> None:
-    _worker["tokenizer"] = tok.load_run_tokenizer(directory)
+    _worker["tokenizer"] = tokenizer_io.load_run_tokenizer(directory)
 
 
 def build_chunk(job):
@@ -191,14 +190,14 @@ def _tokenizer(config, out: str, tokenizer_from: str, train_texts):
         hf_dir = hf_io.hf_folder(config.get("init_from", ""))
         source = tokenizer_from or hf_dir
         if source:
-            (tok.load_hf_tokenizer(hf_dir) if hf_dir and not tokenizer_from
-             else tok.load_run_tokenizer(tokenizer_from)).save(out)
+            (hf_tokenizer.load_hf_tokenizer(hf_dir) if hf_dir and not tokenizer_from
+             else tokenizer_io.load_run_tokenizer(tokenizer_from)).save(out)
         else:
             tok.train_tokenizer(train_texts(), os.path.join(out, tok.MODEL_FILE),
                                 config.model.vocab_size, config.data.tokenizer_type,
                                 max_sentences=config.data.get("tokenizer_max_sentences",
                                                               2_000_000), seed=config.seed)
-    tokenizer = tok.load_run_tokenizer(out)
+    tokenizer = tokenizer_io.load_run_tokenizer(out)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise DataError(f"the tokenizer has {tokenizer.vocab_size} pieces but "
                         f"config.model.vocab_size={config.model.vocab_size}; raise it")
@@ -219,7 +218,14 @@ def prepare(config, out: str, *, docs_per_shard: int = 20_000, workers: int = 1,
     if docs_per_shard < 1:
         raise DataError(f"--docs_per_shard must be >= 1, got {docs_per_shard}")
     settings = settings_of(config, docs_per_shard)
-    os.makedirs(out, exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out={out} is a file, not a folder; pass a new folder name for the "
+                        "shards (the file is left as it is)")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # a file on the way (--out=FILE/shards), no permission, ...
+        raise DataError(f"cannot make the folder --out={out} ({e.strerror}); pass a folder "
+                        "you can write to") from None
     if os.path.exists(os.path.join(out, prepared.MANIFEST)):
         manifest = prepared.read_manifest(out)
         _check_same(manifest["settings"], settings, out)
@@ -356,7 +362,7 @@ def summary(manifest: dict, out: str) -> str:
 
 def main(argv):
     from train import cli, config as config_lib, pretrained as hf_io
-    from train.config import ConfigError
+    from train.errors import ConfigError
     del argv
     fl = flags.FLAGS
     try:

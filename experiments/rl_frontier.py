@@ -2,7 +2,7 @@
 
 The controlled-generation comparison of Rafailov et al. 2023 (sec. 6.1, fig. 2), on data that
 ships offline. The policy starts from an SFT run (experiments/gpt_sft.py:tiny); the reward is
-experiments.gpt_ppo.answer_f1, the token F1 of an answer against the genealogy question's
+train.rl.rewards.answer_f1, the token F1 of an answer against the genealogy question's
 reference answer (a reward anyone can recompute, and one the SFT model already earns sometimes).
   1. pairs: two answers sampled (temperature 1) from the SFT run for every train and dev prompt,
      labelled by the same reward (the higher F1 chosen; ties dropped): DPO's data;
@@ -23,7 +23,7 @@ import os
 
 from absl import flags
 
-from train import cli
+from train import cli, runs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("sft", "runs/gpt_sft", "the SFT run every policy starts from")
@@ -53,24 +53,24 @@ def sample_pairs(config, data, out_dir):
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from train.tasks import ppo
+    from train.rl import rollout
 
     group = config.rl.group_size = 4
     end_id, tokenizer = data["chat_ids"]["end"], data["tokenizer"]
     params = jax.device_put(data["reference_weights"])
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    rollout = ppo.make_rollout_fn(config, end_id, NamedSharding(mesh, PartitionSpec()))
+    sample = rollout.make_rollout_fn(config, end_id, NamedSharding(mesh, PartitionSpec()))
     paths = {}
     for split, rows, (questions, refs) in (
             ("train", data["train_rows"], data["train_text"]),
             ("dev", data["dev_rows"], data["dev_text"])):
         pairs, size, n = [], config.batch_size, len(rows["index"])
-        for i, (real, part) in enumerate(ppo.padded_batches(rows, size)):
-            host = jax.device_get(rollout(params, part["prompt"], part["prompt_valid"],
-                                          part["index"], jax.random.key(i * size)))
+        for i, (real, part) in enumerate(rollout.padded_batches(rows, size)):
+            host = jax.device_get(sample(params, part["prompt"], part["prompt_valid"],
+                                         part["index"], jax.random.key(i * size)))
             host = {k: v[:group * real] for k, v in host.items()}
-            _, texts = ppo.decode_responses(host["tokens"], end_id, tokenizer)
-            scores = ppo.score_rollouts(data, host, (questions, refs), end_id, tokenizer)
+            _, texts = rollout.decode_responses(host["tokens"], end_id, tokenizer)
+            scores = rollout.score_rollouts(data, host, (questions, refs), end_id, tokenizer)
             for b in range(real):
                 own = range(group * b, group * b + group)
                 best = max(own, key=lambda i: scores[i])
@@ -94,8 +94,8 @@ def train(experiment, workdir, overrides):
     config = override(experiment.get_config("tiny"), **overrides)
     task = tasks.get(config.task)
     loop.train_and_evaluate(config, workdir, task)
-    config = tasks.read_run_config(workdir, "")
-    return loop.restore_params(config, workdir, task)[0]
+    config = runs.read_run_config(workdir, "")
+    return runs.restore_params(config, workdir, task)[0]
 
 
 def main(_):
@@ -105,7 +105,7 @@ def main(_):
     import matplotlib.pyplot as plt
 
     from experiments import gpt_dpo, gpt_ppo
-    from train.tasks import ppo
+    from train.rl import evaluate, settings
 
     out = FLAGS.out
     os.makedirs(out, exist_ok=True)
@@ -132,13 +132,13 @@ def main(_):
                     dev_text=data["train_text"])
     results = []
     for name, method, params in runs:
-        params = {k: v for k, v in params.items() if k != ppo.VALUE_HEAD}
+        params = {k: v for k, v in params.items() if k != settings.VALUE_HEAD}
         params = jax.device_put(jax.device_get(params), placed)
         workdir = os.path.join(out, "eval", name.split()[0].lower() + "_" + name.split()[-1])
         os.makedirs(workdir, exist_ok=True)
-        t = ppo.evaluate_predictions(params, on_train, config, workdir)
-        m = ppo.evaluate_predictions(params, data, config, workdir)  # the dev samples last
-        samples = [json.loads(x) for x in open(os.path.join(workdir, ppo.SAMPLES_FILE),
+        t = evaluate.evaluate_predictions(params, on_train, config, workdir)
+        m = evaluate.evaluate_predictions(params, data, config, workdir)  # the dev samples last
+        samples = [json.loads(x) for x in open(os.path.join(workdir, evaluate.SAMPLES_FILE),
                                                encoding="utf-8")]
         results.append({"run": name, "method": method or "sft", **m, "samples": samples,
                         "train_score": t["score"], "train_kl": t["kl"]})

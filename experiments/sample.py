@@ -16,7 +16,7 @@ from absl import flags, logging
 
 from data.errors import DataError
 from models import gpt
-from train import checkpoint, cli, tasks
+from train import cli, errors, runs
 from train.tasks import lm
 
 flags.DEFINE_string("workdir", None, "A trained run folder.", required=True)
@@ -66,12 +66,12 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only opens
     try:
-        config, tokenizer, params, _ = tasks.load_run(FLAGS.workdir, families=("gpt",))
+        config, tokenizer, params, _ = runs.load_run(FLAGS.workdir, families=("gpt",))
         ids = encode_prompt(FLAGS.prompt, tokenizer, config.model.max_len)
         if FLAGS.show_probs > tokenizer.vocab_size:
             raise DataError(f"--show_probs={FLAGS.show_probs} exceeds the vocabulary of "
                             f"{tokenizer.vocab_size} tokens; ask for fewer")
-    except (DataError, checkpoint.CheckpointMismatchError) as e:
+    except (DataError, errors.CheckpointMismatchError) as e:
         cli.fail(str(e))
     room = config.model.max_len - len(ids)
     if FLAGS.max_new_tokens > room:

@@ -15,9 +15,9 @@ from ml_collections import config_flags
 
 from data import chat
 from data.errors import DataError
-from train import checkpoint, cli, config as config_lib
-from train.config import ConfigError
-from train.tasks import sft
+from train import cli, config as config_lib, errors
+from train.errors import ConfigError
+from train.tasks import posttrain, sft
 
 config_flags.DEFINE_config_file("config", None, "An sft experiment, e.g. "
                                 "experiments/gpt_sft.py:tiny", lock_config=True)
@@ -35,9 +35,9 @@ def main(argv):
                               "--config=experiments/gpt_sft.py:tiny")
         sft.configure(config)
         config_lib.validate(config)
-        train, dev = sft._conversations(config)
+        train, dev = sft.conversations(config)
         with tempfile.TemporaryDirectory() as tmp:
-            tokenizer = sft.load_tokenizer(config, tmp, train)
+            tokenizer = posttrain.load_tokenizer(config, tmp, train)
         ids = chat.chat_token_ids(tokenizer)
         for conv in train[:FLAGS.show_example]:
             print(f"--- {conv.where} ---")
@@ -49,7 +49,7 @@ def main(argv):
                   f"{config.data.max_len} | filled {100 * stats['fill']:.1f}% | loss on "
                   f"{100 * stats['loss_token_share']:.1f}% of tokens | cut from the prompt "
                   f"side: {stats['truncated']} ({100 * stats['truncated_share']:.2f}%)")
-    except (DataError, ConfigError, checkpoint.CheckpointMismatchError) as e:
+    except (DataError, ConfigError, errors.CheckpointMismatchError) as e:
         cli.fail(str(e))
 
 

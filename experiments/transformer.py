@@ -18,7 +18,11 @@ Own data: --config.data.source=train.tsv --config.data.eval_source=dev.tsv (sour
 [--config.data.test_source=test.tsv: BLEU on it at the end of training].
 Checkpoint averaging (sec. 6.1): --config.average_checkpoints=N (<= keep_checkpoints).
 """
+import os
+
 import ml_collections
+
+from data import sources
 
 # name: (num_layers, d_model, num_heads, d_ff, vocab_size, max_len, dropout)
 PRESETS = {
@@ -38,7 +42,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "seq2seq"
     c.seed = 0
-    c.init_from = ""  # hf:DIR starts from a Hugging Face MarianMT folder (README)
+    c.init_from = ""  # hf:DIR starts from a Hugging Face MarianMT folder (docs/pretrained.md)
     c.model = ml_collections.ConfigDict(dict(
         family="transformer", vocab_size=vocab_size, max_len=max_len, num_layers=num_layers,
         d_model=d_model, num_heads=num_heads, d_ff=d_ff, dropout_rate=dropout,
@@ -74,6 +78,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # A step whose loss or gradient norm is not finite stops the run (0), or is skipped, up to
     # this many in a row, and counted in the metrics as skipped_steps.
     c.skip_nonfinite_steps = 0
+    # XLA's compiled programs are kept here, so a resumed or preempted run starts without
+    # compiling again ("" turns it off; train/profiling.py).
+    c.compilation_cache_dir = os.path.join(sources.default_cache_dir(), "xla")
+    c.profile_steps = ""  # "FIRST-LAST": a profiler trace of those steps in <workdir>/profile
     if arg == "smoke":
         # The sanity task: reversing strings of 3-12 of 20 symbols, 100% exact match on
         # held-out strings after 1,000 steps (about a minute on 2 CPU cores).

@@ -17,7 +17,7 @@ from absl import flags, logging
 
 from data import sources
 from data.errors import DataError
-from train import checkpoint, cli, tasks
+from train import cli, errors, runs
 from train.tasks import seq2seq
 
 flags.DEFINE_string("workdir", None, "A trained translation run folder.", required=True)
@@ -55,14 +55,14 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only opens
     try:
         # The run is checked first: a wrong --workdir is reported as such, before stdin is read.
-        config, tokenizer, params, _ = tasks.load_run(
+        config, tokenizer, params, _ = runs.load_run(
             FLAGS.workdir, families=("transformer",),
             average=None if FLAGS.average < 0 else FLAGS.average)
         lines = read_lines(FLAGS.input)
         outputs = seq2seq.translate(params, lines, tokenizer, config,
                                     beam_size=FLAGS.beam_size or None,
                                     alpha=None if FLAGS.alpha < 0 else FLAGS.alpha)
-    except (DataError, checkpoint.CheckpointMismatchError) as e:
+    except (DataError, errors.CheckpointMismatchError) as e:
         cli.fail(str(e))
     for line in outputs:
         print(line)

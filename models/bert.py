@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers, lora
+from models import blocks, layers, lora
 
 HEADS = ("mlm", "nsp", "classify", "span")
 PRETRAINING_HEADS = ("mlm_transform", "mlm_ln", "mlm_bias", "nsp")
@@ -45,7 +45,7 @@ class BertConfig:
     attention: str = "fast"
     dtype: Any = "float32"
     param_dtype: Any = "float32"
-    remat: str = "none"  # "none" | "full" | "dots_saveable" (layers.REMAT_POLICIES)
+    remat: str = "none"  # "none" | "full" | "dots_saveable" (blocks.REMAT_POLICIES)
     scan_layers: bool = False  # one scanned block "layer" with stacked params, not layer_0..
     activation: str = "gelu_exact"  # BERT's erf GELU (layers.ACTIVATIONS)
     ln_epsilon: float = 1e-12
@@ -96,7 +96,7 @@ class Bert(nn.Module):
         """A dict: sequence_BLD, pooled_BD and one entry per head (see the module docstring).
 
         segment_ids_BL is 1 on real tokens and 0 on padding (the attention mask of
-        models/layers.py); None means no padding.
+        models/attention.py); None means no padding.
         """
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
@@ -113,7 +113,7 @@ class Bert(nn.Module):
         x_BLD = nn.Dropout(cfg.dropout_rate)(x_BLD, deterministic=deterministic)
         x_BLD = nn.with_logical_constraint(x_BLD, (layers.BATCH, layers.LENGTH, layers.EMBED))
         # Post-LN as in the paper: LN(x + Sublayer(x)); no final LayerNorm is needed.
-        x_BLD = layers.self_attention_stack(
+        x_BLD = blocks.self_attention_stack(
             x_BLD, segment_ids_BL, deterministic, num_layers=cfg.num_layers, name="layer",
             remat=cfg.remat, scan_layers=cfg.scan_layers, num_heads=cfg.num_heads,
             d_ff=cfg.d_ff, pre_ln=False, causal=False, activation=cfg.activation,
@@ -164,7 +164,7 @@ def flops_per_token(config: BertConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 N (non-embedding matrices) + 12 n_layers d_model seq_len.
 
     As for GPT (PaLM's appendix B count); embeddings, pooler and heads are left out, matching
-    how the baselines in the README are counted ("LM head excluded").
+    how the baselines in docs/benchmarks.md are counted ("LM head excluded").
     """
     d, f = config.d_model, config.d_ff
     per_layer = 4 * d * d + 2 * d * f

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import decoding, layers, lora
+from models import blocks, decoding, layers, lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +31,9 @@ class GPTConfig:
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     decode: bool = False  # incremental decoding with a KV cache
-    remat: str = "none"  # "none" | "full" | "dots_saveable" (layers.REMAT_POLICIES)
+    remat: str = "none"  # "none" | "full" | "dots_saveable" (blocks.REMAT_POLICIES)
     scan_layers: bool = False  # one scanned block "h" with stacked params, instead of h_0..
-    query_blocks: int = 1  # causal attention in query blocks (layers.MultiHeadAttention)
+    query_blocks: int = 1  # causal attention in query blocks (attention.MultiHeadAttention)
     activation: str = "gelu"  # GPT-2's tanh GELU (layers.ACTIVATIONS)
     ln_epsilon: float = 1e-5
     # Embedding rows = vocab_size rounded up to this multiple (layers.padded_vocab_size);
@@ -86,7 +86,7 @@ class GPT(nn.Module):
             cfg.max_len, cfg.d_model, name="wpe", **kw)(positions_BL)
         x_BLD = nn.Dropout(cfg.dropout_rate)(x_BLD, deterministic=deterministic)
         x_BLD = nn.with_logical_constraint(x_BLD, (layers.BATCH, layers.LENGTH, layers.EMBED))
-        x_BLD = layers.self_attention_stack(
+        x_BLD = blocks.self_attention_stack(
             x_BLD, segment_ids_BL, deterministic, num_layers=cfg.num_layers, name="h",
             remat=cfg.remat, scan_layers=cfg.scan_layers, num_heads=cfg.num_heads,
             d_ff=cfg.d_ff, pre_ln=True, causal=True, activation=cfg.activation,
@@ -134,7 +134,7 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 N (non-embedding) + 12 n_layers d_model seq_len attention.
 
     The attention term is PaLM's (Chowdhery et al. 2022, appendix B); embeddings and the tied
-    LM head are excluded, matching how the baselines in the README are counted.
+    LM head are excluded, matching how the baselines in docs/benchmarks.md are counted.
     """
     d, f = config.d_model, config.d_ff
     per_layer = 4 * d * d + 2 * d * f  # W_Q, W_K, W_V, W_O and the two feed-forward matrices

@@ -22,7 +22,7 @@ import numpy as np
 
 ADAPTER_NAMES = ("lora_a", "lora_b")
 # The projections an adapter can attach to: attention's W_Q, W_K, W_V, W_O and the
-# feed-forward's two matrices (layers.MultiHeadAttention, layers.FeedForward). The paper adapts
+# feed-forward's two matrices (attention.MultiHeadAttention, layers.FeedForward). The paper adapts
 # only W_Q and W_V (sec. 7.1); adapting every matrix is the common choice since QLoRA
 # (Dettmers et al. 2023, sec. 4) found it needed to match full fine-tuning.
 TARGETS = ("query", "key", "value", "out", "wi", "wo")
@@ -41,7 +41,7 @@ def parse_targets(targets) -> tuple:
 
 
 def layer_kwargs(config) -> dict:
-    """The lora_* arguments of layers.self_attention_stack from a GPT / BERT config, checked:
+    """The lora_* arguments of blocks.self_attention_stack from a GPT / BERT config, checked:
     a ValueError for a negative rank, an unknown target, or a rank with no target."""
     if config.lora_rank < 0:
         raise ValueError(f"lora_rank must be >= 0 (0: no adapters), got {config.lora_rank}")

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import decoding, layers
+from models import attention, blocks, decoding, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +70,7 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x_BSD, segment_ids_BS, deterministic=True):
         cfg = self.config
-        x_BSD = layers.self_attention_stack(
+        x_BSD = blocks.self_attention_stack(
             x_BSD, segment_ids_BS, deterministic, num_layers=cfg.num_layers, name="layer",
             remat=cfg.remat, num_heads=cfg.num_heads, d_ff=cfg.d_ff, pre_ln=cfg.pre_ln,
             causal=False, activation=cfg.activation, dropout_rate=cfg.dropout_rate,
@@ -92,10 +92,10 @@ class DecoderBlock(nn.Module):
         mha = dict(num_heads=cfg.num_heads, head_dim=cfg.d_model // cfg.num_heads,
                    dropout_rate=cfg.attention_dropout_rate, implementation=cfg.attention,
                    **cfg.kw)
-        cross = layers.MultiHeadAttention(name="cross_attn", **mha)
+        cross = attention.MultiHeadAttention(name="cross_attn", **mha)
         if project_only:
             return cross(None, encoded_BSD, only_project_kv=True)
-        self_attn = layers.MultiHeadAttention(decode=cfg.decode, name="self_attn", **mha)
+        self_attn = attention.MultiHeadAttention(decode=cfg.decode, name="self_attn", **mha)
         mlp = layers.FeedForward(cfg.d_ff, cfg.activation, cfg.dropout_rate, name="mlp",
                                  **cfg.kw)
         drop = nn.Dropout(cfg.dropout_rate)
@@ -128,14 +128,14 @@ class Decoder(nn.Module):
         cfg = self.config
         block_cls = DecoderBlock
         if cfg.remat != "none" and not project_only:
-            # As in layers.self_attention_stack: deterministic (argument 5, counting self)
+            # As in blocks.self_attention_stack: deterministic (argument 5, counting self)
             # picks code paths, so it stays static; parameter names are unchanged.
-            block_cls = nn.remat(DecoderBlock, policy=layers.REMAT_POLICIES[cfg.remat],
+            block_cls = nn.remat(DecoderBlock, policy=blocks.REMAT_POLICIES[cfg.remat],
                                  static_argnums=(5,))
-        blocks = [block_cls(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+        decoder_blocks = [block_cls(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
         if project_only:
-            return [b(None, encoded_BSD, None, None, project_only=True) for b in blocks]
-        for i, block in enumerate(blocks):
+            return [b(None, encoded_BSD, None, None, project_only=True) for b in decoder_blocks]
+        for i, block in enumerate(decoder_blocks):
             y_BLD = block(y_BLD, encoded_BSD, src_segment_BS, tgt_segment_BL, deterministic,
                           cross_kv=None if cross_kv is None else cross_kv[i])
         return (layers.layer_norm("ln_f", epsilon=cfg.ln_epsilon, **cfg.kw)(y_BLD)
@@ -225,8 +225,8 @@ def flops_per_token(config: TransformerConfig, src_len: int, tgt_len: int) -> fl
     d, f, n = config.d_model, config.d_ff, config.num_layers
     encoder = n * (4 * d * d + 2 * d * f) * src_len / tgt_len
     decoder = n * (8 * d * d + 2 * d * f)
-    attention = 12 * n * d * (src_len * src_len / tgt_len + tgt_len + src_len)
-    return 6.0 * (encoder + decoder) + attention
+    attn = 12 * n * d * (src_len * src_len / tgt_len + tgt_len + src_len)
+    return 6.0 * (encoder + decoder) + attn
 
 
 def init_decode_cache(model: "Transformer", params, src_BS, max_len: int, copies: int = 1):

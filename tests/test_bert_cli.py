@@ -9,8 +9,8 @@ import pytest
 
 from tests.conftest import WORDS
 from tests.test_cli import _assert_clear_error, run, train, tree_digest
-from data import squad
-from train import checkpoint, tasks
+from data import squad, squad_eval
+from train import checkpoint, runs
 
 
 def pretrain(workdir, corpus, *overrides, check=True):
@@ -105,8 +105,8 @@ def test_finetuning_starts_from_the_pretrained_encoder(pretrained, tmp_path, cor
     train_file = write_classification(tmp_path / "train.tsv", 40, 0)
     finetune("bert_classify", tmp_path / "run", pretrained, train_file, train_file,
              "--config.opt.learning_rate=0.0", "--config.num_train_steps=1")
-    _, _, pre_params, _ = tasks.load_run(str(pretrained))
-    _, _, ft_params, _ = tasks.load_run(str(tmp_path / "run"))
+    _, _, pre_params, _ = runs.load_run(str(pretrained))
+    _, _, ft_params, _ = runs.load_run(str(tmp_path / "run"))
     assert "mlm_bias" in pre_params and "mlm_bias" not in ft_params
     assert "classifier" in ft_params
     for name in ("word_embeddings", "position_embeddings", "layer_0", "layer_1", "pooler"):
@@ -124,8 +124,8 @@ def test_lora_classification_trains_adapters_and_head_over_the_frozen_encoder(pr
     finetune("bert_classify", tmp_path / "run", pretrained, train_file, train_file,
              "--config.model.lora_rank=4", "--config.num_train_steps=4",
              "--config.eval_every_steps=4", "--config.opt.warmup_steps=0")
-    _, _, pre_params, _ = tasks.load_run(str(pretrained))
-    _, _, ft_params, _ = tasks.load_run(str(tmp_path / "run"))
+    _, _, pre_params, _ = runs.load_run(str(pretrained))
+    _, _, ft_params, _ = runs.load_run(str(tmp_path / "run"))
     base, adapters = _leaves(pre_params["layer_0"]), _leaves(ft_params["layer_0"])
     lora_keys = [k for k in adapters if "lora_" in k]
     assert lora_keys and set(adapters) - set(lora_keys) == set(base)
@@ -182,7 +182,7 @@ def test_span_qa_writes_official_predictions_and_scores(qa_run):
     # training questions (saved for predict_qa); the oracle tuned on dev is logged beside them.
     threshold = json.loads((workdir / "null_threshold.json").read_text())["null_threshold"]
     assert threshold == final["null_threshold"]
-    rescored = squad.squad_evaluate(squad.read_squad(str(dev_file)), predictions)
+    rescored = squad_eval.squad_evaluate(squad.read_squad(str(dev_file)), predictions)
     assert rescored["exact"] == pytest.approx(final["exact"])
     assert rescored["f1"] == pytest.approx(final["f1"])
     assert final["best_f1"] >= final["f1"] and final["best_exact"] >= final["exact"]
@@ -229,7 +229,7 @@ def test_embed_refuses_a_gpt_run(tmp_path, corpus_file):
 
 
 def test_load_run_restores_what_was_trained(pretrained):
-    config, tokenizer, params, task = tasks.load_run(str(pretrained))
+    config, tokenizer, params, task = runs.load_run(str(pretrained))
     assert task.name == "mlm_nsp" and tokenizer.vocab_size <= 512
     assert config.model.family == "bert" and params["mlm_bias"].shape == (512,)
 

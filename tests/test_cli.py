@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.conftest import smoke_config, tree_digest
-from train import checkpoint, loop, tasks
+from train import errors, runs, tasks
 
 lm = tasks.get("lm")
 
@@ -80,8 +80,8 @@ def test_changed_model_shape_is_refused_and_checkpoint_kept(trained_run, corpus_
 
 def test_checkpoint_shape_mismatch_is_a_clear_error(trained_run, corpus_file):
     config = smoke_config(corpus_file, **{"model.d_ff": 48})
-    with pytest.raises(checkpoint.CheckpointMismatchError, match="different model shape"):
-        loop.restore_params(config, str(trained_run), lm)
+    with pytest.raises(errors.CheckpointMismatchError, match="different model shape"):
+        runs.restore_params(config, str(trained_run), lm)
 
 
 def test_unknown_config_key(tmp_path, corpus_file):
@@ -107,7 +107,7 @@ def test_bad_corpus(case, tmp_path):
 
 
 def test_prompt_longer_than_the_context(trained_run):
-    proc = run("experiments.sample", f"--workdir={trained_run}", "--prompt=" + "king " * 40,
+    proc = run("experiments.sample", f"--workdir={trained_run}", "--prompt=" + "king " * 80,
                check=False)
     _assert_clear_error(proc, "context", "shorten the prompt")
 
@@ -268,3 +268,26 @@ def test_prepare_then_train_on_prepared_data(corpus_file, tmp_path):
     _assert_clear_error(run("experiments.prepare", *args, "--workers=0", check=False),
                         "--workers must be >= 1")
     assert tree_digest(out) == before
+
+
+@pytest.mark.parametrize("experiment", ["gpt_sft", "gpt_dpo", "gpt_reward", "gpt_ppo",
+                                        "gpt_grpo"])
+def test_post_training_smoke_presets_start_from_a_gpt_smoke_run(experiment, trained_run):
+    """The :smoke presets compose: each post-training one takes a gpt.py:smoke run as its base
+    unchanged; rows past the base's context are one error naming the override to pass."""
+    import importlib
+    from data.errors import DataError
+    from train import config as config_lib
+    from train.tasks import posttrain
+    config = importlib.import_module(f"experiments.{experiment}").get_config("smoke")
+    config.init_from = str(trained_run)
+    tasks.get(config.task).configure(config)  # the base run's shape, as train.main does
+    config_lib.validate(config)
+    posttrain.check_lengths(config)  # where every post-training task's prepare_data starts
+    base = json.loads((trained_run / "config.json").read_text())["model"]["max_len"]
+    assert config.model.max_len == base >= config.data.max_len
+    config.data.max_len = base + 1
+    with pytest.raises(DataError, match=rf"config.data.max_len={base + 1} exceeds the model "
+                       rf"context config.model.max_len={base} of the base run .*; pass "
+                       rf"--config.data.max_len={base}$"):
+        posttrain.check_lengths(config)

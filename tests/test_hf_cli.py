@@ -16,6 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 from tests.conftest import WORDS, tree_digest  # noqa: E402
 from tests.test_cli import _assert_clear_error, run, train  # noqa: E402
+from train import runs
+from data import tokenizer_io
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +41,7 @@ def gpt2_folder(tmp_path_factory, corpus_file):
 
 
 def _our_logits(workdir, ids):
-    from train import tasks
-    config, _, params, task = tasks.load_run(str(workdir))
+    config, _, params, task = runs.load_run(str(workdir))
     model = task.build_model(config)
     return np.asarray(model.apply({"params": params}, jnp.asarray(ids, jnp.int32)))
 
@@ -94,8 +95,7 @@ def test_a_gpt_trained_here_exports_with_its_tokenizer(corpus_file, tmp_path):
     train(workdir, corpus_file, "--config.num_train_steps=3", "--config.eval_every_steps=3")
     exported = tmp_path / "ours_hf"
     run("experiments.hf", f"--workdir={workdir}", f"--export_to={exported}")
-    from data import tokenizer as tok
-    ours_tok = tok.load_run_tokenizer(str(workdir))
+    ours_tok = tokenizer_io.load_run_tokenizer(str(workdir))
     theirs_tok = transformers.AutoTokenizer.from_pretrained(str(exported))
     rng = np.random.default_rng(1)
     for _ in range(20):
@@ -145,7 +145,6 @@ def test_sft_with_lora_from_an_imported_gpt2_uses_its_tokenizer(gpt2_folder, tmp
     padded part of GPT-2's table, starting at the mean of the rows "User:" etc. use."""
     from data import chat, tokenizer as tok
     from tests.test_sft_cli import write_sft_files
-    from train import tasks
     imported, workdir = tmp_path / "imported", tmp_path / "sft"
     run("experiments.hf", f"--import_from={gpt2_folder}", f"--workdir={imported}",
         "--config=experiments/gpt.py:smoke")
@@ -154,14 +153,14 @@ def test_sft_with_lora_from_an_imported_gpt2_uses_its_tokenizer(gpt2_folder, tmp
         f"--config.init_from={imported}", f"--config.data.source={files[0]}",
         f"--config.data.eval_source={files[1]}", "--config.model.lora_rank=4",
         "--config.num_train_steps=4", "--config.eval_every_steps=4")
-    tokenizer = tok.load_run_tokenizer(str(workdir))
-    base_tokenizer = tok.load_run_tokenizer(str(imported))
+    tokenizer = tokenizer_io.load_run_tokenizer(str(workdir))
+    base_tokenizer = tokenizer_io.load_run_tokenizer(str(imported))
     ids = chat.chat_token_ids(tokenizer)
     assert (workdir / tok.HF_DIR).is_dir()
     assert sorted(ids.values()) == list(range(base_tokenizer.vocab_size,
                                               base_tokenizer.vocab_size + 4))
-    _, _, base, _ = tasks.load_run(str(imported))
-    _, _, params, _ = tasks.load_run(str(workdir))
+    _, _, base, _ = runs.load_run(str(imported))
+    _, _, params, _ = runs.load_run(str(workdir))
     table, base_table = (np.asarray(p["wte"]["embedding"]) for p in (params, base))
     assert table.shape == base_table.shape == (384, 32)
     user = base_tokenizer.encode("User:")

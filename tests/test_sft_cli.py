@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.test_cli import _assert_clear_error, run, train, tree_digest
-from train import checkpoint, tasks
+from train import checkpoint, runs
 
 NAMES = "Abel Boaz Caleb Dan Eli Gad Hur Ira Joel Levi Mesha Nahum Obed Peleg Reu Seth".split()
 
@@ -121,7 +121,7 @@ def test_merged_lora_run_gives_the_same_logits(lora_run, tmp_path):
     tokens = jnp.asarray(np.random.default_rng(0).integers(7, 500, (2, 16)), jnp.int32)
     logits = []
     for workdir in (lora_run, out):
-        config, _, params, task = tasks.load_run(str(workdir))
+        config, _, params, task = runs.load_run(str(workdir))
         logits.append(task.build_model(config).apply({"params": params}, tokens))
     assert json.loads((out / "config.json").read_text())["model"]["lora_rank"] == 0
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)

@@ -11,6 +11,7 @@ import pytest
 from experiments import transformer as transformer_experiment
 from tests.test_cli import _assert_clear_error, run
 from train.tasks import seq2seq
+from train import runs
 
 LEXICON = {"the": "le", "king": "roi", "went": "alla", "to": "a", "city": "ville",
            "and": "et", "people": "peuple", "said": "dit", "river": "fleuve", "dark": "sombre"}
@@ -71,12 +72,12 @@ def test_translation_run_saves_resumes_and_logs_bleu(tsv_run):
 def test_checkpoint_averaging_is_the_mean_of_the_last_checkpoints(tsv_run):
     import jax
 
-    from train import checkpoint, loop, tasks
+    from train import checkpoint, tasks
 
-    config = tasks.read_run_config(str(tsv_run), "")
+    config = runs.read_run_config(str(tsv_run), "")
     task = tasks.get(config.task)
-    averaged, step = loop.restore_params(config, str(tsv_run), task)  # the run's config: 2
-    last, _ = loop.restore_params(config, str(tsv_run), task, average=0)
+    averaged, step = runs.restore_params(config, str(tsv_run), task)  # the run's config: 2
+    last, _ = runs.restore_params(config, str(tsv_run), task, average=0)
     # Independently: the two checkpoints' arrays straight from Orbax, no abstract state.
     ckpt = checkpoint.Checkpointer(str(tsv_run), async_save=False, read_only=True)
     raw = [ckpt._manager.restore(s, args=checkpoint.ocp.args.Composite(

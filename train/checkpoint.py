@@ -22,16 +22,10 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from train.errors import CheckpointMismatchError, DamagedCheckpointError
+
 CHECKSUMS_FILE = "sha256sums.json"
 DAMAGED_DIR = "damaged_checkpoints"
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint on disk does not fit the state this config builds."""
-
-
-class DamagedCheckpointError(CheckpointMismatchError):
-    """No checkpoint of the run folder can be read back intact."""
 
 
 def _sha256(path: str) -> str:

@@ -10,15 +10,13 @@ import math
 import os
 
 from data.tokenizer import MODEL_TYPES as TOKENIZERS
-from models.layers import ACTIVATIONS, POSITION_LAYOUTS, REMAT_POLICIES
+from models.blocks import REMAT_POLICIES
+from models.layers import ACTIVATIONS, POSITION_LAYOUTS
+from train.errors import ConfigError
 
-ATTENTION = ("fast", "xla", "cudnn", "reference")  # models/layers.py MultiHeadAttention
+ATTENTION = ("fast", "xla", "cudnn", "reference")  # models/attention.py MultiHeadAttention
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant", "noam")  # train/optim.py make_schedule
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work (reported to the user in one line)."""
 
 
 def _integer(low):

@@ -87,7 +87,7 @@ def split_cpu_devices(count: int) -> bool:
     except RuntimeError as e:  # the backend has started already (a caller used JAX first)
         if jax.device_count() == count:
             return True
-        from train.config import ConfigError  # pylint: disable=import-outside-toplevel
+        from train.errors import ConfigError  # pylint: disable=import-outside-toplevel
         raise ConfigError(f"config.mesh.cpu_devices={count} could not be applied: JAX has "
                           f"already started with {jax.device_count()} devices. Set it "
                           "before the first JAX call, or leave it at 0.") from e

@@ -18,15 +18,10 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
 from data import lm as lm_data
-from train import checkpoint, config as config_lib, metrics as metrics_lib, pretrained as hf_io
-from train import sharding
-from train import step as step_lib
-from train.config import ConfigError
+from train import checkpoint, config as config_lib, errors, metrics as metrics_lib
+from train import pretrained as hf_io, profiling, runs, sharding, step as step_lib
+from train.errors import ConfigError
 from train.tasks import Task
-
-
-class DivergedError(RuntimeError):
-    """A training step's loss or gradient norm was not finite (nan or inf)."""
 
 
 @dataclasses.dataclass
@@ -65,6 +60,8 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     if task.configure is not None:
         task.configure(config)
     config_lib.validate(config)
+    profiling.parse_steps(config.get("profile_steps", ""))  # a bad range: refused before any write
+    profiling.use_compilation_cache(config.get("compilation_cache_dir", ""))
     if step_lib.uses_lora(config) and config.get("init_from"):
         # A LoRA run reloads its base at every start and in every tool: from anywhere.
         base = hf_io.hf_folder(config.init_from)
@@ -90,7 +87,7 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     if step_lib.uses_lora(config):
         # A LoRA run reloads its frozen base at every start: checkpoints hold only adapters.
         # Checked before the checkpoint folder exists, so a refusal leaves none behind.
-        pretrained = load_base_params(config, task, s, hf_report, log=not has_checkpoint)
+        pretrained = runs.load_base_params(config, task, s, hf_report, log=not has_checkpoint)
         lacking = sorted(set(s.abstract.frozen) - set(pretrained))
         if lacking:
             raise ConfigError(
@@ -105,7 +102,7 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     rng = jax.random.key(config.seed)
     resuming = ckpt.latest_step() is not None
     if pretrained is None:
-        pretrained = {} if resuming else load_base_params(config, task, s, hf_report, log=True)
+        pretrained = {} if resuming else runs.load_base_params(config, task, s, hf_report, log=True)
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
         if resuming:
             state, data_state = ckpt.restore(s.abstract)
@@ -128,27 +125,6 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
                       else s.jit_train_step(task, config))
         run = Run(config, workdir, task, data, s, ckpt, train_step, eval_step)
         return _run(run, state, train_iter, jax.random.fold_in(rng, 1), notes)
-
-
-def load_base_params(config, task, s, hf_report=None, log=False) -> dict:
-    """The parameters config.init_from gives (an hf:DIR folder or a run folder), placed on the
-    mesh of Setup `s`: those that replace fresh ones, or with LoRA the frozen base. {} when
-    init_from is empty."""
-    hf_dir = hf_io.hf_folder(config.get("init_from", ""))
-    shardings = s.state_shardings.params if s.abstract.frozen is None else s.state_shardings.frozen
-    if hf_dir:
-        hf_report = hf_report or hf_io.check(config, s.base_params)
-        params = hf_io.load_params(config, s.base_params, shardings, hf_report)
-        if log:
-            print(f"initialised from {hf_dir}" + (f"; freshly initialised: {hf_report['fresh']}"
-                                                  if hf_report["fresh"] else ""))
-        return params
-    if not config.get("init_from"):
-        return {}
-    if task.load_pretrained is None:
-        raise ConfigError(f"task {task.name} cannot start from config.init_from; leave it empty")
-    # Fine-tuning starts from pretrained weights (placed on this mesh) and fresh heads.
-    return task.load_pretrained(config, shardings)
 
 
 def _diverged(step, metrics, saved):
@@ -195,6 +171,7 @@ def _run(run, state, train_iter, dropout_rng, notes):
     run_start, final, step = time.time(), {}, first_step
     skip_limit, skipped = config.get("skip_nonfinite_steps", 0), {"in_a_row": 0, "window": 0}
     pending, unchecked = [], []  # metrics of checked steps not yet logged; of unchecked steps
+    profiler = profiling.StepProfiler(config.get("profile_steps", ""), run.workdir, bar.write)
 
     def write_train(at_step, step_metrics):
         out = metrics_lib.train_means(step_metrics, task.summarize, timer.steps_per_sec(),
@@ -216,15 +193,17 @@ def _run(run, state, train_iter, dropout_rng, notes):
                 skipped["window"] += 1
             else:
                 write_train(at_step, pending + [m])
-                raise DivergedError(_diverged(at_step, m, ckpt.latest_step()))
+                raise errors.DivergedError(_diverged(at_step, m, ckpt.latest_step()))
         unchecked.clear()
 
     try:
         stopping = False
         while step < config.num_train_steps and not stopping:
             batch = sharding.global_batch(next(train_iter), run.setup.batch_shard)
+            profiler.before(step + 1)
             state, step_metrics = run.train_step(state, batch, dropout_rng)
             step += 1
+            profiler.after(step, step_metrics)
             # The previous step is checked while this one runs: one step behind, the device
             # never waits for the host.
             check_finite()
@@ -266,6 +245,7 @@ def _run(run, state, train_iter, dropout_rng, notes):
             bar.write(task.final_report(final, run.data["info"]))
             final = _finish(run, state, step, final)
     finally:
+        profiler.stop()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
         ckpt.close()
@@ -308,39 +288,3 @@ def _finish(run, state, step, final):
         run.log(run.task.test_report(test, averaged=num > 1))
         final = dict(final, **{f"test_{k}": v for k, v in test.items()})
     return final
-
-
-def restore_params(config, workdir: str, task: Task, average=None, merge_lora=False):
-    """(params, step) of the newest intact checkpoint in `workdir`, on the local devices.
-
-    With `average` (default: the run's config.average_checkpoints) above 1, the params are
-    the mean of the last `average` checkpoints, as at the end of its training. A LoRA run
-    gives its adapters over its base's weights, or with `merge_lora` the merged weights
-    (what a model with lora_rank=0 takes: a run fine-tuned from it).
-    """
-    ckpt = checkpoint.Checkpointer(workdir, async_save=False, read_only=True)
-    if ckpt.latest_step() is None:
-        raise checkpoint.CheckpointMismatchError(
-            f"no checkpoint in {ckpt.directory}; train first with "
-            f"python -m train.main --config=... --workdir={workdir}")
-    s = step_lib.build(task, config, mesh_config={"data": -1})
-    average = config.get("average_checkpoints", 0) if average is None else average
-    if average > 1:  # the mean reads the latest checkpoint too: no separate restore
-        params, steps = ckpt.average_params(s.abstract, average)
-        step = steps[-1]
-    else:
-        state, _ = ckpt.restore(s.abstract)
-        params, step = state.params, int(state.step)
-    ckpt.close()
-    if s.abstract.frozen is not None:  # LoRA: the adapters over the base run's weights
-        base = load_base_params(config, task, s)
-        missing = set(s.abstract.frozen) - set(base)
-        if missing:
-            raise checkpoint.CheckpointMismatchError(
-                f"the base weights of {workdir} (config.init_from={config.init_from}) lack "
-                f"{sorted(missing)}; the base run must hold every frozen parameter")
-        params = step_lib.full_params(params, base)
-        if merge_lora:
-            from models import lora
-            params = lora.merge(params, config.model.lora_alpha, config.model.lora_rank)
-    return params, step

@@ -7,7 +7,7 @@ Rerunning with the same --workdir resumes from its latest checkpoint. --dry_run 
 train step for the configured mesh and prints per-device memory, then exits (nothing is
 trained, read or written). Multi-host: the same
 command on every host; under SLURM or on a TPU pod slice JAX finds the other processes itself,
-elsewhere add --coordinator_address=HOST:PORT --num_processes=N --process_id=I (README).
+elsewhere add --coordinator_address=HOST:PORT --num_processes=N --process_id=I (docs/clusters.md).
 """
 import sys
 
@@ -15,9 +15,9 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from data.errors import DataError
-from train import checkpoint, cli, config as config_lib, host, loop, memory, multihost
-from train import pretrained, tasks
-from train.config import ConfigError
+from train import cli, config as config_lib, errors, host, loop, memory, multihost
+from train import pretrained, profiling, tasks
+from train.errors import ConfigError
 
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, tokenizer.")
 config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/gpt.py:tiny",
@@ -48,13 +48,14 @@ def main(argv):
         host.split_cpu_devices(config.mesh.get("cpu_devices", 0))
         multihost.maybe_initialize_distributed(fl.coordinator_address, fl.num_processes,
                                                fl.process_id)
+        profiling.use_compilation_cache(config.get("compilation_cache_dir", ""))
         if fl.dry_run:
             print(memory.format_report(memory.memory_report(config, task), config))
             return
         loop.train_and_evaluate(config, fl.workdir, task)
-    except (DataError, checkpoint.CheckpointMismatchError, ConfigError) as e:
+    except (DataError, errors.CheckpointMismatchError, ConfigError) as e:
         cli.fail(str(e))
-    except loop.DivergedError as e:
+    except errors.DivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

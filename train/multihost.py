@@ -12,7 +12,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from data.errors import DataError
-from train.config import ConfigError
+from train.errors import ConfigError
 
 
 # The variables SLURM documents for every task of a job step (srun), the ones

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from train.config import ConfigError
+from train.errors import ConfigError
 
 
 def noam_schedule(d_model: int, warmup_steps: int, scale: float = 1.0):

@@ -3,8 +3,9 @@
 `--config.init_from=hf:DIR` starts a run from a local Hugging Face folder (GPT-2, BERT with
 any of its heads, MarianMT): `configure` rewrites config.model from DIR/config.json before
 anything is built, `check` compares every tensor's name and shape with the model's before
-anything is written, and `load_params` places each tensor straight onto the mesh. `export`
-writes a run (trained here or imported) back as a folder `from_pretrained` loads.
+anything is written, and `load_params` places each tensor straight onto the mesh.
+`export_tensors` gives a run's parameters under the checkpoint's names; train/hf_runs.py writes
+whole run folders in and out.
 
 Weights are read only from safetensors files; a folder that has only pickled weights
 (pytorch_model.bin and the like) is refused, never unpickled. The safetensors header is
@@ -46,7 +47,7 @@ def read_hf_config(directory: str) -> dict:
     """The folder's config.json, or a DataError naming what is missing."""
     if not os.path.isdir(directory):
         raise DataError(f"{directory} is not a folder; pass a local Hugging Face model folder "
-                        "(README: 'Pretrained weights' shows how to download one)")
+                        "(docs/pretrained.md shows how to download one)")
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         raise DataError(f"{directory} has no config.json, so it is not a Hugging Face model "
@@ -384,107 +385,3 @@ def export_tensors(config, params, logical_params=None) -> dict:
     floating = lambda v: np.issubdtype(v.dtype, np.floating) or v.dtype == ml_dtypes.bfloat16
     return {k: v.astype(np.float32) if v.dtype != np.float32 and floating(v) else v
             for k, v in out.items()}
-
-
-def _new_folder(path: str) -> str:
-    """A temporary sibling of `path`, refusing a `path` that already holds files."""
-    import tempfile
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise DataError(f"{path} already exists and is not empty; pass a new folder (nothing "
-                        "already saved is overwritten)")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + ".tmp")
-
-
-def _commit(tmp: str, path: str) -> None:
-    if os.path.isdir(path):
-        os.rmdir(path)  # empty (checked by _new_folder)
-    os.replace(tmp, path)
-
-
-def import_run(directory: str, workdir: str, config) -> dict:
-    """Turns a Hugging Face folder into a run folder at `workdir`: config.json, the
-    tokenizer, and a step-0 checkpoint that every tool reads and train.main resumes.
-
-    Everything is checked first and written into a temporary sibling that is renamed at the
-    end, so a bad folder leaves nothing behind. Returns check()'s report.
-    """
-    import shutil
-
-    import flax.linen as nn
-
-    from data import tokenizer as tok
-    from train import checkpoint, config as config_lib, step as step_lib, tasks
-
-    if config.model.get("lora_rank", 0):
-        raise config_lib.ConfigError(
-            "an import writes the checkpoint's own weights; leave config.model.lora_rank at 0 "
-            "(add adapters when fine-tuning the run)")
-    config.init_from = PREFIX + os.path.abspath(directory)
-    configure(config)
-    config_lib.validate(config)
-    task = tasks.get(config.task)
-    s = step_lib.build(task, config)
-    report = check(config, s.abstract.params)
-    tokenizer = tok.load_hf_tokenizer(directory)
-    tmp = _new_folder(workdir)
-    try:
-        with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-            state = s.init_fn(jax.random.key(config.seed))
-            params = load_params(config, s.abstract.params, s.state_shardings.params, report)
-            state = state.replace(params={**state.params, **params})
-        ckpt = checkpoint.Checkpointer(tmp, async_save=False)
-        ckpt.save(0, state, {"next_index": 0}, force=True)
-        ckpt.close()
-        tokenizer.save(tmp)
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json(indent=2))
-        # No steps yet: experiments.compare lists the run, training appends to it.
-        open(os.path.join(tmp, "metrics.jsonl"), "w", encoding="utf-8").close()
-        _commit(tmp, workdir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return report
-
-
-def export_run(workdir: str, out_dir: str) -> dict:
-    """Writes the run in `workdir` (trained here or imported) as a Hugging Face folder:
-    model.safetensors, config.json and the tokenizer. Returns the config.json written."""
-    import shutil
-
-    import flax.linen as nn
-
-    from train import tasks
-
-    config, tokenizer, params, task = tasks.load_run(workdir)
-    if config.model.get("lora_rank", 0):  # a LoRA run exports as its merged weights
-        from models import lora
-        params = lora.merge(params, config.model.lora_alpha, config.model.lora_rank)
-        config.model.lora_rank = 0
-    family = config.model.get("family", "gpt")
-    model = task.build_model(config)
-    logical = nn.get_partition_spec(jax.eval_shape(
-        lambda: task.init_params(model, config, jax.random.key(0))))
-    tensors = export_tensors(config, params, logical)
-    if not hasattr(tokenizer, "export_hf"):
-        raise DataError(f"the tokenizer of {workdir} cannot be exported")
-    special = {k: getattr(tokenizer, k, None) for k in ("pad_id", "bos_id", "eos_id")}
-    heads = tuple(config.model.get("heads", ()))
-    try:
-        hf_cfg = hf.hf_config(family, config.model.to_dict(), special, heads=heads)
-    except UnsupportedCheckpoint as e:
-        raise DataError(f"{workdir}: {e}") from None
-    tmp = _new_folder(out_dir)
-    try:
-        from safetensors.numpy import save_file
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(hf_cfg, f, indent=2)
-        tokenizer.export_hf(tmp, family)
-        _commit(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return hf_cfg

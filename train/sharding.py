@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from train.config import ConfigError
+from train.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

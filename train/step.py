@@ -1,9 +1,10 @@
 """The training step and the sharded train state: everything between a batch and new weights.
 
 `train_step(state, batch, rng) -> (state, metrics)` is a pure function of a task's loss_fn,
-jitted once with in/out shardings and a donated state. `build(task, config)` makes what every
-user of the step needs (mesh, model, optimizer, abstract sharded state, init function), so the
-loop, the dry run and the benchmark construct it the same way.
+jitted once with in/out shardings and a donated state; apply_if_finite is its non-finite
+guard, shared with PPO's update. `build(task, config)` makes what every user of the step needs
+(mesh, model, optimizer, abstract sharded state, init function), so the loop, the dry run and
+the benchmark construct it the same way.
 """
 import dataclasses
 import functools
@@ -26,7 +27,7 @@ class TrainState:
     state covers only the adapters, and checkpoints leave `frozen` out (it is loaded again from
     config.init_from). Without LoRA `frozen` is None, an empty subtree. `extra` is a task's
     own training state that is not a parameter (PPO's adaptive KL coefficient), saved with the
-    checkpoints; None for tasks that have none (the task module's init_extra(config) makes it)."""
+    checkpoints; None for tasks that have none (the Task's init_extra(config) makes it)."""
     step: jax.Array
     params: Any
     opt_state: Any
@@ -43,6 +44,27 @@ def full_params(params, frozen):
     return params if frozen is None else lora.combine(frozen, params)
 
 
+def apply_if_finite(tx, params, opt_state, grads, loss_sum):
+    """(params, opt_state, {"grad_norm", "nonfinite"}): the optimizer's update of params, or
+    params and opt_state unchanged (nonfinite = 1) when loss_sum or the gradient norm is not
+    finite, since that update would turn every parameter into nan.
+
+    The non-finite guard of every train step (make_train_step, and each minibatch of PPO's
+    update, train/rl/update.py)."""
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+
+    def update(_):
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt_state
+
+    # A branch, not an elementwise select: only one side runs, and the donated state is
+    # updated in place (a select over every parameter cost 15% of a 124M step on CPU).
+    params, opt_state = jax.lax.cond(finite, update, lambda _: (params, opt_state), None)
+    return params, opt_state, {"grad_norm": grad_norm,
+                               "nonfinite": 1.0 - finite.astype(jnp.float32)}
+
+
 def make_train_step(loss_fn, tx, schedule, grad_accum_steps: int):
     """Returns train_step(state, batch, rng) -> (state, metrics) for a task's loss_fn.
 
@@ -52,7 +74,8 @@ def make_train_step(loss_fn, tx, schedule, grad_accum_steps: int):
 
     A step whose summed loss or gradient norm is not finite leaves the parameters and the
     optimizer state as they were (only the step count moves) and reports nonfinite = 1: its
-    update would have turned every parameter into nan. The loop then stops or skips it.
+    update would have turned every parameter into nan (apply_if_finite). The loop then stops
+    or skips it.
     """
     # Gradients are taken of the trained params only; frozen base weights enter as constants.
     grad_fn = jax.value_and_grad(
@@ -79,20 +102,10 @@ def make_train_step(loss_fn, tx, schedule, grad_accum_steps: int):
                 accumulate, (zeros[1], zeros[0][1]), (jnp.arange(grad_accum_steps), micro))
         count = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
-
-        def update(_):
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state
-
-        # A branch, not an elementwise select: only one side runs, and the donated state is
-        # updated in place (a select over every parameter cost 15% of a 124M step on CPU).
-        params, opt_state = jax.lax.cond(finite, update,
-                                         lambda _: (state.params, state.opt_state), None)
-        sums = dict(sums, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
-                    learning_rate=schedule(state.step),
-                    nonfinite=1.0 - finite.astype(jnp.float32))
+        params, opt_state, guard = apply_if_finite(tx, state.params, state.opt_state, grads,
+                                                   sums["loss_sum"])
+        sums = dict(sums, **guard, param_norm=optax.tree.norm(params),
+                    learning_rate=schedule(state.step))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), sums
 
     return train_step
@@ -111,9 +124,8 @@ def create_state_fns(task, config, model, tx, mesh, rules):
     def init_boxed(rng):
         params, frozen = task.init_params(model, config, rng), None
         if uses_lora(config):  # train the adapters (and fresh heads); freeze the rest
-            params, frozen = lora.split(params, getattr(task.module, "FRESH_HEADS", ()))
-        init_extra = getattr(task.module, "init_extra", None)
-        extra = init_extra(config) if init_extra is not None else None
+            params, frozen = lora.split(params, task.fresh_heads)
+        extra = task.init_extra(config) if task.init_extra is not None else None
         return TrainState(jnp.array(0, jnp.int32), params, tx.init(params), frozen, extra)
 
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))

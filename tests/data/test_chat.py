@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data import chat, lm, sources, squad
+from data import chat, hf_tokenizer, lm, sources, squad, tokenizer_io
 from data import tokenizer as tok
 from data.errors import DataError
 from tests.conftest import write_bible_db
@@ -52,7 +52,7 @@ def gpt2_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["sp", "hf"])
 def base(request, sp, gpt2_dir):
-    return sp if request.param == "sp" else tok.load_hf_tokenizer(gpt2_dir)
+    return sp if request.param == "sp" else hf_tokenizer.load_hf_tokenizer(gpt2_dir)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def test_text_never_produces_chat_tokens(extended):
 
 def test_add_chat_tokens_is_saved_idempotent_and_reloads(base, extended, tmp_path):
     run = os.path.dirname(extended.path)  # workdir/tokenizer.model or workdir/hf_tokenizer
-    loaded = tok.load_run_tokenizer(run)
+    loaded = tokenizer_io.load_run_tokenizer(run)
     assert type(loaded) is type(base)
     assert chat.chat_token_ids(loaded) == chat.chat_token_ids(extended)
     assert loaded.special_ids == extended.special_ids
@@ -206,22 +206,22 @@ def test_add_chat_tokens_is_saved_idempotent_and_reloads(base, extended, tmp_pat
     # A run fine-tuned from an SFT run: unchanged, saved into the new run.
     again = chat.add_chat_tokens(loaded, str(tmp_path / "next"))
     assert again is loaded
-    assert chat.chat_token_ids(tok.load_run_tokenizer(str(tmp_path / "next"))) == \
+    assert chat.chat_token_ids(tokenizer_io.load_run_tokenizer(str(tmp_path / "next"))) == \
         chat.chat_token_ids(loaded)
     assert not [n for n in os.listdir(run) if ".tmp" in n]  # written atomically
 
 
 def test_extending_the_workdirs_own_tokenizer_in_place(sp, tmp_path):
     sp.save(str(tmp_path))
-    own = tok.load_run_tokenizer(str(tmp_path))
+    own = tokenizer_io.load_run_tokenizer(str(tmp_path))
     extended = chat.add_chat_tokens(own, str(tmp_path))
     assert os.listdir(tmp_path) == [tok.MODEL_FILE]
-    assert tok.load_run_tokenizer(str(tmp_path)).vocab_size == sp.vocab_size + 4
+    assert tokenizer_io.load_run_tokenizer(str(tmp_path)).vocab_size == sp.vocab_size + 4
     assert chat.chat_token_ids(extended)["end"] == sp.vocab_size + 3
 
 
 def test_hf_extension_keeps_named_ids_and_splits_special_text(gpt2_dir, tmp_path):
-    base = tok.load_hf_tokenizer(gpt2_dir)
+    base = hf_tokenizer.load_hf_tokenizer(gpt2_dir)
     extended = chat.add_chat_tokens(base, str(tmp_path))
     assert sorted(os.listdir(tmp_path / tok.HF_DIR)) == ["tokenizer.json",
                                                           "tokenizer_config.json"]
@@ -236,7 +236,7 @@ def test_hf_extension_keeps_named_ids_and_splits_special_text(gpt2_dir, tmp_path
 
 def test_transformers_reads_the_extended_folder_alike(gpt2_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
-    extended = chat.add_chat_tokens(tok.load_hf_tokenizer(gpt2_dir), str(tmp_path))
+    extended = chat.add_chat_tokens(hf_tokenizer.load_hf_tokenizer(gpt2_dir), str(tmp_path))
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / tok.HF_DIR))
     assert theirs.convert_tokens_to_ids(list(chat.CHAT_TOKENS)) == list(
         chat.chat_token_ids(extended).values())
@@ -249,7 +249,7 @@ def test_hf_vocab_txt_folder_keeps_berts_ids(tmp_path):
     folder.mkdir()
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz"]
     (folder / "vocab.txt").write_text("".join(w + "\n" for w in vocab))
-    base = tok.load_hf_tokenizer(str(folder))
+    base = hf_tokenizer.load_hf_tokenizer(str(folder))
     extended = chat.add_chat_tokens(base, str(tmp_path / "run"))
     names = ("pad", "unk", "cls", "sep", "mask")
     assert [getattr(extended, f"{n}_id") for n in names] == [0, 1, 2, 3, 4]

@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers  # noqa: E402
 from tokenizers import pre_tokenizers, processors, trainers  # noqa: E402
 
-from data import bert_pretrain, hf_export, lm, translation  # noqa: E402
+from data import bert_pretrain, hf_export, hf_tokenizer, lm, tokenizer_io, translation  # noqa: E402
 from data import tokenizer as tok  # noqa: E402
 from data.errors import DataError  # noqa: E402
 
@@ -192,7 +192,7 @@ def assert_same_ids(ours, theirs, strings):
 @pytest.mark.parametrize("kind", HF_KINDS)
 def test_hf_folders_give_transformers_ids(kind, hf_dirs, strings):
     folder = folder_of(kind, hf_dirs)
-    ours, theirs = tok.load_hf_tokenizer(folder), reference(kind, folder)
+    ours, theirs = hf_tokenizer.load_hf_tokenizer(folder), reference(kind, folder)
     expected = theirs(strings, add_special_tokens=False)["input_ids"]
     assert_same_ids([ours.encode(s) for s in strings], expected, strings)
     assert ours.vocab_size == len(theirs)
@@ -206,15 +206,15 @@ def test_hf_folders_give_transformers_ids(kind, hf_dirs, strings):
 
 
 def test_special_ids_of_published_layouts(hf_dirs):
-    gpt2 = tok.load_hf_tokenizer(hf_dirs["gpt2"])
+    gpt2 = hf_tokenizer.load_hf_tokenizer(hf_dirs["gpt2"])
     assert (gpt2.bos_id, gpt2.eos_id, gpt2.pad_id, gpt2.cls_id) == (1000, 1000, None, None)
     assert gpt2.special_ids == {1000} and len(gpt2.ordinary_ids()) == 1000
-    bert = tok.load_hf_tokenizer(hf_dirs["bert_uncased"])
+    bert = hf_tokenizer.load_hf_tokenizer(hf_dirs["bert_uncased"])
     assert [bert.pad_id, bert.unk_id, bert.cls_id, bert.sep_id, bert.mask_id] == [
         0, 100, 101, 102, 103]
     assert bert.bos_id is bert.eos_id is None
     assert not set(bert.ordinary_ids().tolist()) & {0, 100, 101, 102, 103}
-    marian = tok.load_hf_tokenizer(hf_dirs["marian"])
+    marian = hf_tokenizer.load_hf_tokenizer(hf_dirs["marian"])
     pad = marian.vocab_size - 1
     assert (marian.eos_id, marian.unk_id, marian.pad_id, marian.bos_id) == (0, 1, pad, pad)
 
@@ -226,14 +226,14 @@ def test_special_ids_fall_back_to_config_json(hf_dirs, tmp_path):
     shutil.copy(os.path.join(hf_dirs["gpt2"], "tokenizer.json"), folder)
     (folder / "tokenizer_config.json").write_text('{"model_max_length": 1024}')
     (folder / "config.json").write_text('{"bos_token_id": 1000, "eos_token_id": 1000}')
-    ours = tok.load_hf_tokenizer(str(folder))
+    ours = hf_tokenizer.load_hf_tokenizer(str(folder))
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (1000, 1000, None)
 
 
 @pytest.mark.parametrize("kind", HF_KINDS)
 def test_hf_decode(kind, hf_dirs, strings):
     folder = folder_of(kind, hf_dirs)
-    ours, theirs = tok.load_hf_tokenizer(folder), reference(kind, folder)
+    ours, theirs = hf_tokenizer.load_hf_tokenizer(folder), reference(kind, folder)
     sample = strings[:3000]
     for text in sample:
         ids = ours.encode_target(text)
@@ -264,7 +264,7 @@ MODEL_TYPES = {"gpt": "gpt2", "bert": "bert", "transformer": "marian"}
 
 def export(sp, family, folder):
     """The export as the weight export writes it, config.json included."""
-    sp.export_hf(str(folder), family)
+    tokenizer_io.export_hf(sp, str(folder), family)
     (folder / "config.json").write_text(json.dumps({"model_type": MODEL_TYPES[family]}))
     return str(folder)
 
@@ -288,7 +288,7 @@ def test_exported_sentencepiece_gives_our_ids(ours_sp, family, strings, tmp_path
     assert len(known) >= 10_000
     ours = [ours_sp.encode(s) for s in known]
     assert_same_ids(ours, theirs(known, add_special_tokens=False)["input_ids"], known)
-    reloaded = tok.load_hf_tokenizer(folder)
+    reloaded = hf_tokenizer.load_hf_tokenizer(folder)
     assert_same_ids([reloaded.encode(s) for s in known], ours, known)
     # With add_special_tokens, what our pipelines add: a prompt, a BERT input, a source.
     with_special = {"gpt": lambda ids: [tok.BOS_ID, *ids], "bert": lambda ids: [
@@ -319,7 +319,7 @@ def test_exported_sentencepiece_known_differences(ours_sp, tmp_path):
 
 def test_export_refuses_a_bad_family(ours_sp, tmp_path):
     with pytest.raises(DataError, match="unknown model family 'gpt2'"):
-        ours_sp.export_hf(str(tmp_path), "gpt2")
+        tokenizer_io.export_hf(ours_sp, str(tmp_path), "gpt2")
 
 
 # ---- offsets ------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ GPT2_BYTES.update({chr(b): b for b in _printable})
 @pytest.mark.parametrize("kind", ["gpt2", "bert_uncased", "bert_cased", "marian", "minilm"])
 def test_hf_offsets_are_the_pieces(kind, hf_dirs, strings):
     folder = folder_of(kind, hf_dirs)
-    ours = tok.load_hf_tokenizer(folder)
+    ours = hf_tokenizer.load_hf_tokenizer(folder)
     if kind.startswith("bert") or kind == "minilm":  # lowercasing, accent stripping
         normalize = reference(kind, folder).backend_tokenizer.normalizer.normalize_str
     for text in strings[:1500]:
@@ -370,7 +370,7 @@ def test_hf_offsets_are_the_pieces(kind, hf_dirs, strings):
     ("marian", "the  people said", "people"),
 ])
 def test_offsets_of_a_word_cover_exactly_the_word(kind, text, word, hf_dirs):
-    ours = tok.load_hf_tokenizer(hf_dirs[kind])
+    ours = hf_tokenizer.load_hf_tokenizer(hf_dirs[kind])
     ids, starts, ends = ours.encode_with_offsets(text)
     begin = text.index(word)
     pieces = [(s, e) for s, e in zip(starts, ends) if s < begin + len(word) and e > begin]
@@ -381,7 +381,7 @@ def test_offsets_of_a_word_cover_exactly_the_word(kind, text, word, hf_dirs):
 # ---- pipelines with ids other than ours ---------------------------------------------------
 
 def test_bert_pretraining_rows_with_bert_ids(hf_dirs):
-    wordpiece = tok.load_hf_tokenizer(hf_dirs["bert_uncased"])
+    wordpiece = hf_tokenizer.load_hf_tokenizer(hf_dirs["bert_uncased"])
     docs = ["\n".join(corpus(12, seed=10 + d)) for d in range(6)]
     rows = bert_pretrain.build_pretraining_rows(docs, wordpiece, max_len=48, max_predictions=8,
                                                 seed=0, whole_word=True, dupe_factor=2)
@@ -407,9 +407,9 @@ def test_bert_pretraining_rows_with_bert_ids(hf_dirs):
 
 
 def test_whole_word_starts_of_each_kind(hf_dirs, ours_sp):
-    gpt2 = tok.load_hf_tokenizer(hf_dirs["gpt2"])
-    bert = tok.load_hf_tokenizer(hf_dirs["bert_uncased"])
-    marian = tok.load_hf_tokenizer(hf_dirs["marian"])
+    gpt2 = hf_tokenizer.load_hf_tokenizer(hf_dirs["gpt2"])
+    bert = hf_tokenizer.load_hf_tokenizer(hf_dirs["bert_uncased"])
+    marian = hf_tokenizer.load_hf_tokenizer(hf_dirs["marian"])
     for t, text in ((gpt2, "the kingdom"), (bert, "the wordy"), (marian, "the wordy"),
                     (ours_sp, "the wordy")):
         ids = t.encode(text)
@@ -420,7 +420,7 @@ def test_whole_word_starts_of_each_kind(hf_dirs, ours_sp):
 
 
 def test_lm_documents_with_gpt2_ids(hf_dirs):
-    gpt2 = tok.load_hf_tokenizer(hf_dirs["gpt2"])
+    gpt2 = hf_tokenizer.load_hf_tokenizer(hf_dirs["gpt2"])
     tokens, doc_ids = lm.tokenize_documents(["the king", "said light"], gpt2)
     first = [1000, *gpt2.encode("the king"), 1000]
     assert tokens.tolist() == first + [1000, *gpt2.encode("said light"), 1000]
@@ -428,7 +428,7 @@ def test_lm_documents_with_gpt2_ids(hf_dirs):
 
 
 def test_translation_rows_with_marian_ids(hf_dirs):
-    marian = tok.load_hf_tokenizer(hf_dirs["marian"])
+    marian = hf_tokenizer.load_hf_tokenizer(hf_dirs["marian"])
     pad = marian.pad_id
     pairs = [("the king said", "le roi a dit"), ("light", "été là")]
     src, tgt, dropped = translation.encode_pairs(pairs, marian, max_len=16)
@@ -446,19 +446,19 @@ def test_translation_rows_with_marian_ids(hf_dirs):
 # ---- run folders and bad folders ----------------------------------------------------------
 
 def test_save_and_load_run_tokenizer(hf_dirs, ours_sp, tmp_path):
-    for name, t in (("gpt2", tok.load_hf_tokenizer(hf_dirs["gpt2"])),
-                    ("marian", tok.load_hf_tokenizer(hf_dirs["marian"])), ("sp", ours_sp)):
+    for name, t in (("gpt2", hf_tokenizer.load_hf_tokenizer(hf_dirs["gpt2"])),
+                    ("marian", hf_tokenizer.load_hf_tokenizer(hf_dirs["marian"])), ("sp", ours_sp)):
         run = tmp_path / name
         t.save(str(run))
         t.save(str(run))  # again: replaced, not mixed
         assert os.listdir(run) == [tok.MODEL_FILE if name == "sp" else tok.HF_DIR]
-        loaded = tok.load_run_tokenizer(str(run))
+        loaded = tokenizer_io.load_run_tokenizer(str(run))
         assert type(loaded) is type(t)
         assert loaded.encode("the king said été 😀") == t.encode("the king said été 😀")
         assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (t.bos_id, t.eos_id, t.pad_id)
     with pytest.raises(DataError, match=r"holds no tokenizer \(neither tokenizer.model nor "
                                         r"hf_tokenizer/\)"):
-        tok.load_run_tokenizer(str(tmp_path / "gpt2" / "hf_tokenizer"))
+        tokenizer_io.load_run_tokenizer(str(tmp_path / "gpt2" / "hf_tokenizer"))
 
 
 def test_init_from_hf_copies_the_tokenizer_into_the_run(hf_dirs, tmp_path):
@@ -483,9 +483,9 @@ def test_a_folder_without_tokenizer_files_is_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(DataError, match=rf"{tmp_path} has no tokenizer files \(looked for "
                                         r"tokenizer.json, vocab.txt \(BERT\) or source.spm"):
-        tok.load_hf_tokenizer(str(tmp_path))
+        hf_tokenizer.load_hf_tokenizer(str(tmp_path))
     with pytest.raises(DataError, match="is not a folder"):
-        tok.load_hf_tokenizer(str(tmp_path / "missing"))
+        hf_tokenizer.load_hf_tokenizer(str(tmp_path / "missing"))
 
 
 def test_a_corrupt_tokenizer_json_is_one_clear_error(hf_dirs, tmp_path):
@@ -493,15 +493,15 @@ def test_a_corrupt_tokenizer_json_is_one_clear_error(hf_dirs, tmp_path):
     (tmp_path / "gpt2" / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab"')
     with pytest.raises(DataError, match=rf"{tmp_path / 'gpt2'}: tokenizer.json cannot be read "
                                         "by the tokenizers library"):
-        tok.load_hf_tokenizer(str(tmp_path / "gpt2"))
+        hf_tokenizer.load_hf_tokenizer(str(tmp_path / "gpt2"))
 
 
 def test_incomplete_marian_folder_and_bad_config(hf_dirs, tmp_path):
     shutil.copytree(hf_dirs["marian"], tmp_path / "marian")
     os.remove(tmp_path / "marian" / "vocab.json")
     with pytest.raises(DataError, match=r"has Marian tokenizer files but not \['vocab.json'\]"):
-        tok.load_hf_tokenizer(str(tmp_path / "marian"))
+        hf_tokenizer.load_hf_tokenizer(str(tmp_path / "marian"))
     shutil.copytree(hf_dirs["bert_uncased"], tmp_path / "bert")
     (tmp_path / "bert" / "tokenizer_config.json").write_text('{"cls_token": "[NOPE]"}')
     with pytest.raises(DataError, match=r"the cls_token '\[NOPE\]' is not in the vocabulary"):
-        tok.load_hf_tokenizer(str(tmp_path / "bert"))
+        hf_tokenizer.load_hf_tokenizer(str(tmp_path / "bert"))

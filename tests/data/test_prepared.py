@@ -17,7 +17,7 @@ from experiments import bert as bert_exp
 from experiments import prepare as prep
 from experiments import transformer as transformer_exp
 from tests.conftest import smoke_config, tree_digest, write_corpus
-from train import loop, tasks
+from train import loop, runs, tasks
 
 lm = tasks.get("lm")
 
@@ -286,6 +286,32 @@ def test_a_corpus_without_text_is_refused(tmp_path):
         prep.prepare(config, str(tmp_path / "out2"))
 
 
+@pytest.mark.parametrize("under", [False, True])
+def test_out_on_an_existing_file_is_one_error_line(corpus_file, tmp_path, monkeypatch, capsys,
+                                                   under):
+    """--out=FILE (or a folder under FILE): one error line, exit status 2, the file untouched."""
+    import types
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me\n", encoding="utf-8")
+    out = existing / "shards" if under else existing
+    # main reads flags.FLAGS: the parsed command line, here without absl's global registry
+    # (other modules of this session define --config and --out).
+    parsed = types.SimpleNamespace(config=smoke_config(corpus_file), out=str(out),
+                                   docs_per_shard=7, workers=1, tokenizer_from="")
+    monkeypatch.setattr(prep, "flags", types.SimpleNamespace(FLAGS=parsed))
+    with pytest.raises(SystemExit) as stopped:
+        prep.main([])
+    assert stopped.value.code == 2
+    captured = capsys.readouterr()
+    expected = (f"error: cannot make the folder --out={out} (Not a directory); pass a folder "
+                "you can write to" if under else
+                f"error: --out={out} is a file, not a folder; pass a new folder name for the "
+                "shards (the file is left as it is)")
+    assert captured.err.splitlines() == [expected] and "Traceback" not in captured.err
+    assert existing.read_text(encoding="utf-8") == "keep me\n"
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
 def test_resume_on_prepared_data_is_bit_exact(corpus_file, gpt_data, tmp_path):
     """A run on prepared data, stopped and resumed, equals the uninterrupted in-memory run."""
     _, out, _ = gpt_data
@@ -301,6 +327,6 @@ def test_resume_on_prepared_data_is_bit_exact(corpus_file, gpt_data, tmp_path):
         return [(m["step"], m["split"], m["loss"]) for m in map(
             json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
     assert curve(split) == curve(full)
-    a, _ = loop.restore_params(smoke_config(corpus_file, **overrides), str(full), lm)
-    b, _ = loop.restore_params(smoke_config("prepared:" + out, **overrides), str(split), lm)
+    a, _ = runs.restore_params(smoke_config(corpus_file, **overrides), str(full), lm)
+    b, _ = runs.restore_params(smoke_config("prepared:" + out, **overrides), str(split), lm)
     jax.tree.map(np.testing.assert_array_equal, a, b)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import gpt as gpt_experiment
-from models import bert, gpt, layers
+from models import attention, bert, blocks, gpt, layers
 from train import optim, sharding
 from train import step as step_lib
 from train.tasks import lm, mlm_nsp
@@ -113,7 +113,7 @@ def test_remat_gives_the_same_parameter_tree_loss_and_gradients(reference, remat
     assert jax.tree.structure(nn.meta.unbox(shapes)) == jax.tree.structure(params)
     jaxpr = jax.make_jaxpr(_loss_and_grad_fn(family, remat=remat))(params).jaxpr
     policies = [e.params.get("policy") for e in _equations(jaxpr)]
-    assert policies.count(layers.REMAT_POLICIES[remat]) == NUM_LAYERS  # one per block
+    assert policies.count(blocks.REMAT_POLICIES[remat]) == NUM_LAYERS  # one per block
     _assert_close(_loss_and_grads(family, params, remat=remat), want)
 
 
@@ -191,10 +191,10 @@ def test_fast_attention_in_bf16_equals_the_fp32_softmax_reference():
     """jax.nn.dot_product_attention's XLA path keeps Q K^T and its softmax in fp32."""
     q, k, v = (3 * np.random.default_rng(i).standard_normal((2, 12, 4, 16)) for i in range(3))
     q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
-    mask = layers.make_attention_mask(causal=True, q_len=12, kv_len=12)
+    mask = attention.make_attention_mask(causal=True, q_len=12, kv_len=12)
     fast, reference = jax.jit(lambda q, k, v: (
         jax.nn.dot_product_attention(q, k, v, is_causal=True),
-        layers.reference_attention(q, k, v, mask)))(q, k, v)
+        attention.reference_attention(q, k, v, mask)))(q, k, v)
     assert fast.dtype == jnp.bfloat16
     np.testing.assert_array_equal(fast, reference)
 

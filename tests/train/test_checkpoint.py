@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import smoke_config, tree_digest
-from train import checkpoint, loop, tasks
+from train import checkpoint, errors, loop, runs, tasks
 
 lm = tasks.get("lm")
 RUN = {"num_train_steps": 30, "checkpoint_every_steps": 10, "keep_checkpoints": 3,
@@ -79,7 +79,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(
               "garbled iterator state": step_dir / "data" / "metadata"}[damage]
     (_truncate if "truncated" in damage else _garble)(target)
     before = tree_digest(run)
-    params, step = loop.restore_params(config, str(run), lm)  # read-only: tools
+    params, step = runs.restore_params(config, str(run), lm)  # read-only: tools
     assert step == 20
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
                  _params_at(config, workdir, 20))
@@ -113,7 +113,7 @@ def test_no_intact_checkpoint_is_a_clean_refusal_that_deletes_nothing(trained, t
     for step in (10, 20, 30):
         _truncate(run / "checkpoints" / str(step) / "state" / "_METADATA")
     before = tree_digest(run)
-    with pytest.raises(checkpoint.DamagedCheckpointError,
+    with pytest.raises(errors.DamagedCheckpointError,
                        match=r"no intact checkpoint.*step 30: .*step 20: .*step 10: .*Nothing "
                              r"was moved or deleted"):
         loop.train_and_evaluate(config, str(run), lm)

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from train import config as config_lib
-from train.config import ConfigError
+from train.errors import ConfigError
 
 EXPERIMENTS = ("gpt", "bert", "bert_classify", "bert_squad", "transformer", "gpt_sft")
 

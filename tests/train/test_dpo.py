@@ -5,7 +5,6 @@ one clear error."""
 import json
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +15,8 @@ from data.errors import DataError
 from experiments import gpt_dpo
 from tests.train.conftest import pairs_smoke_config
 from train import loop, tasks
-from train.config import ConfigError
+from train.errors import ConfigError
+from train.tasks import posttrain
 
 dpo = tasks.get("dpo")
 
@@ -36,7 +36,7 @@ def base(pair_base):
 def prepared(base, tmp_path_factory):
     config = dpo_config(base)
     data = dpo.prepare_data(config, str(tmp_path_factory.mktemp("prep")))
-    params = jax.tree.map(jnp.asarray, dpo.module.sft.base_params(config))
+    params = jax.tree.map(jnp.asarray, posttrain.base_params(config))
     return config, data, params
 
 

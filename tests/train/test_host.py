@@ -54,7 +54,7 @@ def test_only_cpu_runs_are_tuned(monkeypatch):
 
 def test_cpu_devices_applies_only_to_cpu_runs_and_only_before_jax_starts(monkeypatch):
     import jax
-    from train.config import ConfigError
+    from train.errors import ConfigError
     monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
     assert not host.split_cpu_devices(4)  # accelerator run: the CPU's devices are left alone
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import smoke_config
-from train import loop, optim, sharding, tasks
+from train import errors, loop, optim, runs, sharding, tasks
 from train import step as step_lib
 
 lm = tasks.get("lm")
@@ -120,8 +120,8 @@ def test_kill_and_resume_equals_uninterrupted_run(corpus_file, tmp_path):
     assert curve(split_dir, "train") == curve(full_dir, "train")
     assert curve(split_dir, "eval") == curve(full_dir, "eval")
     config = smoke_config(corpus_file, **overrides)
-    full, _ = loop.restore_params(config, str(full_dir), lm)
-    split, _ = loop.restore_params(config, str(split_dir), lm)
+    full, _ = runs.restore_params(config, str(full_dir), lm)
+    split, _ = runs.restore_params(config, str(split_dir), lm)
     jax.tree.map(np.testing.assert_array_equal, full, split)
 
 
@@ -129,7 +129,7 @@ def test_resume_onto_a_different_device_count(corpus_file, tmp_path):
     overrides = {"num_train_steps": 4, "checkpoint_every_steps": 2, "eval_every_steps": 4}
     config = smoke_config(corpus_file, **overrides)
     loop.train_and_evaluate(config, str(tmp_path), lm)  # saved from 8 devices (data=8)
-    params, step = loop.restore_params(config, str(tmp_path), lm)
+    params, step = runs.restore_params(config, str(tmp_path), lm)
     assert step == 4
     # Resume training on a (data=1, fsdp=4, tensor=2) mesh: restored shardings follow it.
     resharded = smoke_config(corpus_file, **{**overrides, "num_train_steps": 6, "mesh.data": 1,
@@ -169,7 +169,7 @@ def test_a_nonfinite_step_stops_the_run_and_keeps_the_last_good_checkpoint(corpu
                                                                            tmp_path):
     config = smoke_config(corpus_file, **DIVERGE)
     task = _poisoned(lm, config, tmp_path / "bad", [7])
-    with pytest.raises(loop.DivergedError, match=r"step 7: the loss is nan.*step 6, is the "
+    with pytest.raises(errors.DivergedError, match=r"step 7: the loss is nan.*step 6, is the "
                                                  r"last good one"):
         loop.train_and_evaluate(config, str(tmp_path / "bad"), task)
     saved = sorted(int(d) for d in os.listdir(tmp_path / "bad" / "checkpoints"))
@@ -181,8 +181,8 @@ def test_a_nonfinite_step_stops_the_run_and_keeps_the_last_good_checkpoint(corpu
     # different program, hence the float-rounding tolerance).
     loop.train_and_evaluate(smoke_config(corpus_file, stop_at_step=6, **DIVERGE),
                             str(tmp_path / "clean"), lm)
-    bad, step = loop.restore_params(config, str(tmp_path / "bad"), lm)
-    clean, _ = loop.restore_params(config, str(tmp_path / "clean"), lm)
+    bad, step = runs.restore_params(config, str(tmp_path / "bad"), lm)
+    clean, _ = runs.restore_params(config, str(tmp_path / "clean"), lm)
     assert step == 6
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), bad, clean)
 
@@ -198,6 +198,6 @@ def test_skip_nonfinite_steps_skips_and_counts_them_up_to_the_limit(corpus_file,
     assert all(np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]) for m in logged)
     # Three in a row is one more than the limit allows.
     config = smoke_config(corpus_file, skip_nonfinite_steps=2, **DIVERGE)
-    with pytest.raises(loop.DivergedError, match="step 7"):
+    with pytest.raises(errors.DivergedError, match="step 7"):
         loop.train_and_evaluate(config, str(tmp_path / "limit"),
                                 _poisoned(lm, config, tmp_path / "limit", [5, 6, 7]))

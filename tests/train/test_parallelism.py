@@ -10,7 +10,7 @@ from experiments import gpt as gpt_experiment
 from experiments import transformer as transformer_experiment
 from train import memory, optim, sharding, tasks
 from train import step as step_lib
-from train.config import ConfigError
+from train.errors import ConfigError
 
 FAMILIES = {"gpt": (gpt_experiment, tasks.get("lm")),
             "bert": (bert_experiment, tasks.get("mlm_nsp")),

@@ -1,8 +1,10 @@
-"""PPO and GRPO (train/tasks/ppo.py): KL estimators against the exact KL, GAE and group
-advantages against loops written here, sampler and trainer log-probs equal (padded or not),
-runs through train.main with the first-update ratio 1 and exact resume, LoRA GRPO, and bad
-rewards and stalled runs each one clear error."""
+"""PPO and GRPO (train/tasks/ppo.py, its parts in train/rl/): KL estimators against the exact
+KL, GAE and group advantages against loops written here, sampler and trainer log-probs equal
+(padded or not), the update's non-finite guard called on its own, runs through train.main with
+the first-update ratio 1 and exact resume, LoRA GRPO, and bad or failing rewards and stalled
+runs each one clear error."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +15,11 @@ from data.errors import DataError
 from experiments import gpt_grpo, gpt_ppo
 from tests.conftest import override
 from tests.train.conftest import write_prompts
-from train import loop, tasks
-from train.config import ConfigError
+from train import errors, loop, runs, step as step_lib, tasks
+from train.errors import ConfigError
+from train.rl import advantages, rewards, rollout, settings, update
 
 ppo = tasks.get("ppo")
-P = ppo.module
 
 
 def word_reward(questions, responses, references):
@@ -31,6 +33,17 @@ def constant_reward(questions, responses, references):
 
 def wrong_shape_reward(questions, responses, references):
     return [[1.0, 2.0]] * len(responses)
+
+
+FAILING_CALLS = []  # the calls failing_reward has had
+
+
+def failing_reward(questions, responses, references):
+    """Scores the first two batches, then fails as a broken scorer would."""
+    FAILING_CALLS.append(len(responses))
+    if len(FAILING_CALLS) > 2:
+        raise RuntimeError("the scorer is down")
+    return [float(i) for i in range(len(responses))]
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +79,19 @@ def test_kl_estimators_against_the_exact_kl():
         ref = jax.nn.log_softmax(logp + scale * jnp.asarray(rng.normal(size=7)))
         p = np.exp(np.asarray(logp, np.float64))
         exact = float(np.sum(p * (np.asarray(logp, np.float64) - np.asarray(ref, np.float64))))
-        expect = {k: float(np.sum(p * np.asarray(P.kl_terms(logp, ref, k), np.float64)))
-                  for k in P.ESTIMATORS}
+        expect = {k: float(np.sum(p * np.asarray(advantages.kl_terms(logp, ref, k), np.float64)))
+                  for k in settings.ESTIMATORS}
         assert expect["k1"] == pytest.approx(exact, rel=1e-5, abs=1e-7)
         assert expect["k3"] == pytest.approx(exact, rel=1e-5, abs=1e-7)
         for k in ("k2", "k3"):
-            assert float(jnp.min(P.kl_terms(logp, ref, k))) >= 0.0
-        assert float(jnp.min(P.kl_terms(logp, ref, "k1"))) < 0.0
+            assert float(jnp.min(advantages.kl_terms(logp, ref, k))) >= 0.0
+        assert float(jnp.min(advantages.kl_terms(logp, ref, "k1"))) < 0.0
     # k2 is the second-order expansion: within 20% of the exact KL for close distributions.
     logp = jax.nn.log_softmax(jnp.asarray(rng.normal(size=7)))
     ref = jax.nn.log_softmax(logp + 0.05 * jnp.asarray(rng.normal(size=7)))
     p = np.exp(np.asarray(logp))
     exact = float(np.sum(p * (logp - ref)))
-    assert float(np.sum(p * P.kl_terms(logp, ref, "k2"))) == pytest.approx(exact, rel=0.2)
+    assert float(np.sum(p * advantages.kl_terms(logp, ref, "k2"))) == pytest.approx(exact, rel=0.2)
 
 
 def test_gae_and_group_advantages_by_hand():
@@ -87,7 +100,7 @@ def test_gae_and_group_advantages_by_hand():
     lengths = [5, 3, 1]
     mask = np.asarray([[1.0] * n + [0.0] * (5 - n) for n in lengths])
     gamma, lam = 0.9, 0.8
-    adv, ret = P.gae(jnp.asarray(rewards * mask), jnp.asarray(values), jnp.asarray(mask),
+    adv, ret = advantages.gae(jnp.asarray(rewards * mask), jnp.asarray(values), jnp.asarray(mask),
                      gamma, lam)
     for b, n in enumerate(lengths):
         running = 0.0
@@ -99,16 +112,16 @@ def test_gae_and_group_advantages_by_hand():
             assert float(ret[b, t]) == pytest.approx(running + values[b, t], abs=1e-5)
         assert np.all(np.asarray(adv[b, n:]) == 0)
     scores = np.asarray([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])
-    got = np.asarray(P.group_advantages(jnp.asarray(scores), 4))
+    got = np.asarray(advantages.group_advantages(jnp.asarray(scores), 4))
     for g in range(2):
         part = scores[4 * g:4 * g + 4]
         np.testing.assert_allclose(got[4 * g:4 * g + 4],
                                    (part - part.mean()) / (part.std() + 1e-4), rtol=1e-5)
-    whitened = np.asarray(P.whiten(jnp.asarray(rewards), jnp.asarray(mask)))
+    whitened = np.asarray(advantages.whiten(jnp.asarray(rewards), jnp.asarray(mask)))
     real = whitened[mask > 0]
     assert real.mean() == pytest.approx(0.0, abs=1e-5) and real.std() == pytest.approx(1.0, 1e-3)
     np.testing.assert_array_equal(
-        np.asarray(P.response_mask(jnp.asarray([[4, 9, 1, 9], [4, 4, 4, 4]]), 9)),
+        np.asarray(advantages.response_mask(jnp.asarray([[4, 9, 1, 9], [4, 4, 4, 4]]), 9)),
         [[1, 1, 0, 0], [1, 1, 1, 1]])
 
 
@@ -122,16 +135,17 @@ def test_sampler_and_trainer_log_probs_agree_padded_or_alone(rl_base, tmp_path):
     data = ppo.prepare_data(config, str(tmp_path))
     params = jax.tree.map(jnp.asarray, data["reference_weights"])
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    rollout = P.make_rollout_fn(config, data["chat_ids"]["end"],
+    sample = rollout.make_rollout_fn(config, data["chat_ids"]["end"],
                                 NamedSharding(mesh, PartitionSpec()))
     rows = {k: v[:8] for k, v in data["train_rows"].items()}
     lengths = rows["prompt_valid"].sum(1)
     assert len(set(lengths.tolist())) > 1  # really of different lengths
-    out = jax.device_get(rollout(params, rows["prompt"], rows["prompt_valid"], rows["index"],
+    out = jax.device_get(sample(params, rows["prompt"], rows["prompt_valid"], rows["index"],
                                  jax.random.key(3)))
     net = ppo.build_model(config)
-    logp, entropy, _ = P.token_outputs(net, params, out, 0.7)
-    mask = np.asarray(P.response_mask(jnp.asarray(out["tokens"]), data["chat_ids"]["end"]))
+    logp, entropy, _ = advantages.token_outputs(net, params, out, 0.7)
+    mask = np.asarray(advantages.response_mask(jnp.asarray(out["tokens"]),
+                                               data["chat_ids"]["end"]))
     error = np.abs(np.asarray(logp) - out["old_logp"]) * mask
     assert error.max() < 1e-5
     assert np.all(np.asarray(entropy) > 0)
@@ -139,8 +153,45 @@ def test_sampler_and_trainer_log_probs_agree_padded_or_alone(rl_base, tmp_path):
     alone = {"prompt": out["prompt"][b:b + 1, -lengths[b]:],
              "prompt_valid": out["prompt_valid"][b:b + 1, -lengths[b]:],
              "tokens": out["tokens"][b:b + 1]}
-    alone_logp, _, _ = P.token_outputs(net, params, alone, 0.7)
+    alone_logp, _, _ = advantages.token_outputs(net, params, alone, 0.7)
     np.testing.assert_allclose(np.asarray(alone_logp)[0], np.asarray(logp)[b], atol=1e-5)
+
+
+def test_the_update_alone_moves_the_policy_and_reverts_a_non_finite_step(rl_base, tmp_path):
+    """update.make_update called on its own: finite scores move the parameters and the
+    adaptive KL coefficient; one nan score makes every minibatch non-finite (train/step.py's
+    guard), and the whole state (parameters, optimizer state, KL coefficient) comes back as
+    it was, only the step count moved."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    config = rl_config(rl_base, **{"rl.adaptive_kl": True, "rl.kl_target": 0.01,
+                                   "rl.kl_horizon": 100})
+    ppo.configure(config)
+    data = ppo.prepare_data(config, str(tmp_path))
+    end_id = data["chat_ids"]["end"]
+    reference = jax.tree.map(jnp.asarray, data["reference_weights"])
+    d = config.model.d_model
+    params = dict(reference, **{settings.VALUE_HEAD: {"kernel": jnp.zeros((d, 1)),
+                                                      "bias": jnp.zeros((1,))}})
+    tx, schedule = update.make_optimizer(config)
+    state = step_lib.TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params), None,
+                                ppo.init_extra(config))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    sample = rollout.make_rollout_fn(config, end_id, NamedSharding(mesh, PartitionSpec()))
+    rows = {k: v[:config.batch_size] for k, v in data["train_rows"].items()}
+    rollouts = sample(reference, rows["prompt"], rows["prompt_valid"], rows["index"],
+                      jax.random.key(0))
+    fn = jax.jit(update.make_update(ppo.build_model(config), tx, schedule, config, end_id))
+    scores = jnp.linspace(0.0, 1.0, config.batch_size)
+    moved, metrics = fn(state, reference, rollouts, scores, jax.random.key(1))
+    assert float(metrics["nonfinite"]) == 0.0 and int(moved.step) == 1
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(moved.params), jax.tree.leaves(params)))
+    assert float(moved.extra["kl_coef"]) != float(state.extra["kl_coef"])
+    kept, metrics = fn(state, reference, rollouts, scores.at[0].set(jnp.nan), jax.random.key(1))
+    assert float(metrics["nonfinite"]) == 1.0 and int(kept.step) == 1
+    for got, before in zip(jax.tree.leaves((kept.params, kept.opt_state, kept.extra)),
+                           jax.tree.leaves((state.params, state.opt_state, state.extra))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(before))
 
 
 # ---- runs --------------------------------------------------------------------------------------
@@ -239,16 +290,17 @@ def test_ppo_raises_a_dense_reward(rl_base, tmp_path):
 
 def test_bad_rewards_and_settings_are_one_clear_error():
     with pytest.raises(DataError, match=r"returned shape \(3, 2\) for 3 responses"):
-        P.call_reward_fn(wrong_shape_reward, "fn:x:y", ["q"] * 3, ["r"] * 3, [("a",)] * 3)
+        rewards.call_reward_fn(wrong_shape_reward, "fn:x:y", ["q"] * 3, ["r"] * 3,
+                               [("a",)] * 3)
     with pytest.raises(DataError, match="non-finite"):
-        P.call_reward_fn(lambda q, r, a: [float("nan")] * 2, "fn:x:y", ["q"] * 2, ["r"] * 2,
-                         [("a",)] * 2)
+        rewards.call_reward_fn(lambda q, r, a: [float("nan")] * 2, "fn:x:y", ["q"] * 2,
+                               ["r"] * 2, [("a",)] * 2)
     with pytest.raises(DataError, match="not numbers"):
-        P.call_reward_fn(lambda q, r, a: ["high", "low"], "fn:x:y", ["q"] * 2, ["r"] * 2,
-                         [("a",)] * 2)
+        rewards.call_reward_fn(lambda q, r, a: ["high", "low"], "fn:x:y", ["q"] * 2,
+                               ["r"] * 2, [("a",)] * 2)
     for spec in ("f1", "fn:only_module", "model:"):
         with pytest.raises(ConfigError, match="names no reward"):
-            P.parse_reward(spec)
+            settings.parse_reward(spec)
     config = gpt_grpo.get_config("smoke")
     config.init_from = "somewhere"
     config.rl.group_size = 1
@@ -268,37 +320,54 @@ def test_stall_rules():
     end = 9
     stall = {"cut": 0, "flat": 0}
     cut = np.zeros((4, 3), np.int32)  # no response reaches <|end|>
-    P.check_stall(stall, cut, np.arange(4.0), end, 3, 1, 1)
-    P.check_stall(stall, cut, np.arange(4.0), end, 3, 2, 1)
-    with pytest.raises(P.StalledError, match="every response ran to the length limit"):
-        P.check_stall(stall, cut, np.arange(4.0), end, 3, 3, 1)
+    rollout.check_stall(stall, cut, np.arange(4.0), end, 3, 1, 1)
+    rollout.check_stall(stall, cut, np.arange(4.0), end, 3, 2, 1)
+    with pytest.raises(errors.StalledError, match="every response ran to the length limit"):
+        rollout.check_stall(stall, cut, np.arange(4.0), end, 3, 3, 1)
     stall = {"cut": 0, "flat": 0}
     ended = cut.copy()
     ended[0, 1] = end
-    P.check_stall(stall, cut, np.arange(4.0), end, 3, 1, 1)
-    P.check_stall(stall, ended, np.arange(4.0), end, 3, 2, 1)  # one ended: the count restarts
+    rollout.check_stall(stall, cut, np.arange(4.0), end, 3, 1, 1)
+    rollout.check_stall(stall, ended, np.arange(4.0), end, 3, 2, 1)  # one ended: count restarts
     assert stall["cut"] == 0
     # GRPO: equal within each group is nothing to learn from, even if the groups differ.
     stall = {"cut": 0, "flat": 0}
     groups = np.repeat([1.0, 2.0], 4)
-    P.check_stall(stall, ended, groups, end, 2, 1, 4)
-    with pytest.raises(P.StalledError, match="the responses to each prompt all got the same"):
-        P.check_stall(stall, ended, groups, end, 2, 2, 4)
+    rollout.check_stall(stall, ended, groups, end, 2, 1, 4)
+    with pytest.raises(errors.StalledError, match="the responses to each prompt all got the same"):
+        rollout.check_stall(stall, ended, groups, end, 2, 2, 4)
     assert stall["cut"] == 0
     stall = {"cut": 0, "flat": 0}
-    P.check_stall(stall, ended, groups, end, 2, 1, 1)  # PPO: the batch is not flat
+    rollout.check_stall(stall, ended, groups, end, 2, 1, 1)  # PPO: the batch is not flat
     assert stall["flat"] == 0
 
 
 def test_a_run_with_nothing_to_learn_stops_with_a_clear_message(rl_base, tmp_path):
     config = rl_config(rl_base, **{"rl.reward": "fn:tests.train.test_ppo:constant_reward",
                                    "rl.stall_steps": 2})
-    with pytest.raises(P.StalledError, match="step 2: for 2 steps in a row .*every response "
+    with pytest.raises(errors.StalledError, match="step 2: for 2 steps in a row .*every response "
                                              "in the batch got the same score"):
         loop.train_and_evaluate(config, str(tmp_path / "run"), ppo)
     bad = rl_config(rl_base, **{"rl.reward": "fn:tests.train.test_ppo:wrong_shape_reward"})
     with pytest.raises(DataError, match="must return one float per response"):
         loop.train_and_evaluate(bad, str(tmp_path / "bad"), ppo)
+
+
+def test_a_failing_reward_function_is_one_error_naming_it_and_the_step(rl_base, tmp_path):
+    """A reward function that raises at step 3 stops the run with one DataError naming the
+    function, its exception and the step; the newest checkpoint is still step 2's and nothing
+    of step 3 is written."""
+    FAILING_CALLS.clear()
+    run = tmp_path / "run"
+    config = rl_config(rl_base, **{"rl.reward": "fn:tests.train.test_ppo:failing_reward",
+                                   "checkpoint_every_steps": 2})
+    with pytest.raises(DataError, match=r"step 3: the reward function "
+                                        r"fn:tests\.train\.test_ppo:failing_reward raised "
+                                        r"RuntimeError: the scorer is down"):
+        loop.train_and_evaluate(config, str(run), ppo)
+    assert len(FAILING_CALLS) == 3
+    assert sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit()) == [2]
+    assert [m["step"] for m in _records(run, "train")] == [1, 2]
 
 
 def test_a_reward_model_run_scores_rollouts_as_it_scores_its_pairs(pair_base, rl_base,
@@ -314,8 +383,8 @@ def test_a_reward_model_run_scores_rollouts_as_it_scores_its_pairs(pair_base, rl
     loop.train_and_evaluate(rc, str(rm), reward_task)
     config = rl_config(rl_base, **{"rl.reward": f"model:{rm}"})
     ppo.configure(config)
-    score = P.load_reward(config, tasks.load_run(str(rm))[1])
-    rc_loaded, _, params, _ = tasks.load_run(str(rm))
+    score = rewards.load_reward(config, runs.load_run(str(rm))[1])
+    rc_loaded, _, params, _ = runs.load_run(str(rm))
     rows = reward_task.prepare_data(rc_loaded, str(rm))["eval_rows"]
     side = {k[len("chosen_"):]: v[:6] for k, v in rows.items() if k.startswith("chosen_")}
     expected = np.asarray(reward_task.module.scores(reward_task.build_model(rc_loaded), params,
@@ -332,7 +401,7 @@ def test_a_reward_model_run_scores_rollouts_as_it_scores_its_pairs(pair_base, rl
     bad = rl_config(rl_base, **{"rl.reward": f"model:{pair_base[0]}"})
     ppo.configure(bad)
     with pytest.raises(DataError, match="is a lm run; it must be a reward-model run"):
-        P.load_reward(bad, tasks.load_run(str(rm))[1])
+        rewards.load_reward(bad, runs.load_run(str(rm))[1])
 
 
 def short_reward(questions, responses, references):

@@ -12,7 +12,8 @@ import pytest
 from experiments import gpt_reward
 from tests.train.conftest import pairs_smoke_config
 from train import loop, tasks
-from train.config import ConfigError
+from train.errors import ConfigError
+from train.tasks import posttrain
 
 reward = tasks.get("reward")
 
@@ -27,7 +28,7 @@ def test_bradley_terry_loss_against_independent_scores(pair_base, tmp_path):
     config = reward_config(pair_base)
     data = reward.prepare_data(config, str(tmp_path))
     model = reward.build_model(config)
-    params = jax.tree.map(jnp.asarray, reward.module.sft.base_params(config))
+    params = jax.tree.map(jnp.asarray, posttrain.base_params(config))
     head = np.random.default_rng(0).normal(size=(config.model.d_model, 1)).astype(np.float32)
     params[reward.module.HEAD] = {"kernel": jnp.asarray(head), "bias": jnp.asarray([0.3])}
     batch = {k: v[:8] for k, v in data["train_rows"].items()}

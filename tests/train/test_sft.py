@@ -125,3 +125,29 @@ def test_lora_step_gradient_equals_the_full_models_gradient_on_the_adapters():
     full_adapters, _ = lora.split(full)
     for a, b in zip(jax.tree.leaves(full_adapters), jax.tree.leaves(split)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("experiment, kind", [("gpt_sft", "conversation"),
+                                              ("gpt_dpo", "preference")])
+def test_a_missing_data_file_is_the_error_named(experiment, kind, tmp_path):
+    """A data.source that is not there is named before the unset data.eval_source."""
+    import importlib
+    import json
+    import re
+    from data.errors import DataError
+    config = importlib.import_module(f"experiments.{experiment}").get_config("smoke")
+    task, workdir = tasks.get(config.task), tmp_path / "run"
+    missing = tmp_path / "train.jsonl"
+    config.data.source = str(missing)  # data.eval_source left unset
+    with pytest.raises(DataError, match=rf"^{kind} file {re.escape(str(missing))} does not "
+                                        "exist; check the path$"):
+        task.prepare_data(config, str(workdir))
+    line = ({"prompt": "a", "response": "b"} if kind == "conversation"
+            else {"prompt": "a", "chosen": "b", "rejected": "c"})
+    missing.write_text(json.dumps(line) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="^set --config.data.eval_source"):
+        task.prepare_data(config, str(workdir))
+    config.data.eval_source = str(tmp_path / "dev.jsonl")
+    with pytest.raises(DataError, match=rf"^{kind} file .*dev.jsonl does not exist"):
+        task.prepare_data(config, str(workdir))
+    assert not workdir.exists()

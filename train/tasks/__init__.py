@@ -6,10 +6,31 @@ demand so one task's dependencies never load for another.
 """
 import dataclasses
 import importlib
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypedDict
 
 NAMES = ("lm", "mlm_nsp", "classify", "span_qa", "seq2seq", "sft", "dpo", "reward", "ppo",
          "grpo")
+
+
+class TaskData(TypedDict, total=False):
+    """The `data` dict prepare_data returns and the later hooks read (make_train_step,
+    evaluate_predictions, evaluate_test); hooks may add entries they cache (compiled
+    functions). Every task gives the first four:
+      train_rows: dict of equal-length arrays, one row per example; the loop batches them
+      eval_rows: the same for the eval split, or None: no eval loss (ppo, grpo)
+      tokenizer: the run's tokenizer (data/tokenizer.py)
+      info: counts and settings for the log line at the start and for final_report
+    Extras, of the tasks that read them:
+      chat_ids: the chat control tokens' ids (sft, dpo, reward, ppo; data/chat.py)
+      dev_prompts: (prompt ids, reference answers, question) per dev prompt (sft, dpo)
+      dev_rows, train_text, dev_text, reward, reference_weights (ppo: prompt rows, their
+          questions and reference answers, the reward function, the reference model)
+      bleu_pairs, test_pairs (seq2seq); eval_examples, v2, holdout_* (span_qa)
+    """
+    train_rows: dict
+    eval_rows: Optional[dict]
+    tokenizer: Any
+    info: dict
 
 
 def _default_final_report(final: dict, info: dict) -> str:
@@ -31,9 +52,9 @@ class Task:
     Required, defined by every task module:
       build_model(config, **overrides) -> flax module of config.model (overrides such as
           decode=True or attention="reference" give its variants)
-      prepare_data(config, workdir) -> dict with "train_rows" and "eval_rows" (dicts of
+      prepare_data(config, workdir) -> TaskData: "train_rows" and "eval_rows" (dicts of
           equal-length arrays, one row per example), "tokenizer" and "info" (a dict for the
-          log); tasks may add entries their other hooks read
+          log); tasks may add entries their other hooks read (`data` below)
       init_params(model, config, rng) -> parameters boxed with logical axis names
       init_batch(config, batch_size) -> a batch of the real shapes and dtypes
       loss_fn(params, batch, rng, *, model, train) -> (loss sum, metric sums); the sums hold
@@ -43,27 +64,33 @@ class Task:
     Optional, with the default used when a module leaves it out:
       summarize(sums) -> metric means                        [train.metrics.summarize]
       final_report(final eval metrics, info) -> closing line  [the eval loss]
-      evaluate_predictions(params, data, config, workdir) -> metrics that need whole
-          predictions (BLEU, exact match), merged into every eval              [none]
-      evaluate_test(params, data, config) -> test-split metrics, once at the end [none]
+      evaluate_predictions(params, data: TaskData, config, workdir) -> metrics that need
+          whole predictions (BLEU, exact match), merged into every eval        [none]
+      evaluate_test(params, data: TaskData, config) -> test-split metrics, once at the
+          end                                                                  [none]
       test_report(test metrics, averaged) -> line for the test split      [unused if none]
       load_pretrained(config, shardings) -> params of config.init_from, placed as the
           shardings say, that replace the fresh ones      [None: init_from is refused]
       configure(config) -> None: fills config keys that follow from others (e.g. the model
           shape of the init_from run), before the config is validated; idempotent  [none]
-      make_train_step(setup, config, data) -> train_step(state, batch, rng) -> (state, step
-          metrics), for objectives whose step is more than one gradient step on loss_fn (PPO:
-          a rollout, rewards on the host, several optimisation epochs); the metrics hold
+      make_train_step(setup, config, data: TaskData) -> train_step(state, batch, rng) ->
+          (state, step metrics), for objectives whose step is more than one gradient step
+          on loss_fn (PPO: a rollout, rewards on the host, several optimisation epochs,
+          train/rl/); the metrics hold
           step.make_train_step's keys (loss_sum, weight_sum, grad_norm, param_norm,
           learning_rate, nonfinite)                          [step.make_train_step, jitted]
+      init_extra(config) -> the task's own training state that is not a parameter, kept
+          in TrainState.extra and saved with the checkpoints (PPO's adaptive KL
+          coefficient)                                                       [None]
+    And one value, from the module's FRESH_HEADS:
+      fresh_heads: names of top-level parameter groups a LoRA run trains alongside the
+          adapters (heads the base checkpoint lacks, e.g. the reward head)      [()]
     A task whose prepare_data gives eval_rows None has no eval loss: its evals are
     evaluate_predictions alone.
-    A module may also name FRESH_HEADS: top-level parameter groups a LoRA run trains
-    alongside the adapters (heads the base checkpoint lacks).
     """
     name: str
     build_model: Callable[..., Any]
-    prepare_data: Callable[..., dict]
+    prepare_data: Callable[..., TaskData]
     init_params: Callable[..., Any]
     init_batch: Callable[..., dict]
     loss_fn: Callable[..., tuple]
@@ -77,13 +104,16 @@ class Task:
     load_pretrained: Optional[Callable[..., dict]] = None
     configure: Optional[Callable[..., None]] = None
     make_train_step: Optional[Callable[..., Callable]] = None
+    init_extra: Optional[Callable[..., Any]] = None
+    fresh_heads: tuple = ()
     module: Any = None  # the task module itself, for its task-specific helpers
 
 
 REQUIRED_HOOKS = ("build_model", "prepare_data", "init_params", "init_batch", "loss_fn",
                   "flops_per_token", "bench_batch")
 OPTIONAL_HOOKS = ("summarize", "final_report", "evaluate_predictions", "evaluate_test",
-                  "test_report", "load_pretrained", "configure", "make_train_step")
+                  "test_report", "load_pretrained", "configure", "make_train_step",
+                  "init_extra")
 
 
 def from_module(name: str, module) -> Task:
@@ -97,51 +127,13 @@ def from_module(name: str, module) -> Task:
     hooks.update({hook: getattr(module, hook) for hook in OPTIONAL_HOOKS
                   if callable(getattr(module, hook, None))})
     hooks.setdefault("summarize", metrics.summarize)
-    return Task(name=name, module=module, **hooks)
+    return Task(name=name, module=module,
+                fresh_heads=tuple(getattr(module, "FRESH_HEADS", ())), **hooks)
 
 
 def get(name: str) -> Task:
     """The task called `name`."""
     if name not in NAMES:
-        from train.config import ConfigError
+        from train.errors import ConfigError
         raise ConfigError(f"unknown config.task {name!r}; known tasks: {list(NAMES)}")
     return from_module(name, importlib.import_module(f"train.tasks.{name}"))
-
-
-def read_run_config(workdir: str, how_to_make_one: str):
-    """The ConfigDict saved in a run folder's config.json; a folder without one is a DataError
-    ending with `how_to_make_one`."""
-    import json
-    import os
-
-    import ml_collections
-
-    from data.errors import DataError
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise DataError(f"{workdir} is not a run folder (no config.json); {how_to_make_one}")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def load_run(workdir: str, families=None, average=None):
-    """(config, tokenizer, params, task) of a trained run folder, restored read-only.
-
-    `families` (e.g. ("bert",)) refuses runs of another model family with a clear error;
-    `average` is loop.restore_params's (default: the run's config.average_checkpoints).
-    """
-    from data import tokenizer as tok
-    from data.errors import DataError
-    from train import loop
-
-    config = read_run_config(workdir, "train one first with python -m train.main "
-                                      "--config=experiments/<file>.py:tiny --workdir=...")
-    family = config.model.get("family", "gpt")
-    if families and family not in families:
-        raise DataError(f"{workdir} holds a {family} run; this tool needs a "
-                        f"{' or '.join(families)} run folder")
-    tokenizer = tok.load_run_tokenizer(workdir)
-    task = get(config.task)
-    params, _ = loop.restore_params(config, workdir, task, average=average)
-    return config, tokenizer, params, task

@@ -29,17 +29,17 @@ import numpy as np
 from data import chat, preferences
 from models import gpt
 from train import losses, metrics
-from train.config import ConfigError
-from train.tasks import lm, sft
+from train.errors import ConfigError
+from train.tasks import lm, posttrain, sft
 
 LOSS_TYPES = ("sigmoid", "ipo")
 REFERENCES = ("auto", "precomputed", "adapters_off")
 REFERENCE_FILE = "reference_logps.npz"
 FRESH_HEADS = ()
 init_params = lm.init_params
-load_pretrained = sft.load_pretrained
+load_pretrained = posttrain.load_pretrained
 evaluate_predictions = sft.evaluate_predictions  # greedy dev answers: exact match and F1
-SIDES = ("chosen", "rejected")
+SIDES = posttrain.SIDES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,7 @@ def configure(config):
     if not config.get("init_from"):
         raise ConfigError("dpo fine-tunes a GPT run (usually an SFT run): set "
                           "--config.init_from=RUN, e.g. runs/gpt_sft")
-    sft.configure(config)
+    posttrain.configure(config)
     d = config.dpo
     if not d.beta > 0:
         raise ConfigError(f"config.dpo.beta={d.beta} must be > 0 (0.1 is the usual value)")
@@ -105,9 +105,10 @@ def prepare_data(config, workdir) -> dict:
     """Pairs -> chosen / rejected rows (with the reference log-probabilities when they are
     precomputed)."""
     d = config.data
-    sft.check_lengths(config)
-    train, dev = sft.train_and_dev(config, preferences.bible_pairs, preferences.read_pairs)
-    tokenizer = sft.load_tokenizer(config, workdir, [])
+    posttrain.check_lengths(config)
+    train, dev = posttrain.train_and_dev(config, preferences.bible_pairs,
+                                         preferences.read_pairs)
+    tokenizer = posttrain.load_tokenizer(config, workdir, [])
     ids = chat.chat_token_ids(tokenizer)
     train_rows, train_info = preferences.render_pairs(train, tokenizer, ids, d.max_len)
     eval_rows, eval_info = preferences.render_pairs(dev, tokenizer, ids, d.max_len)
@@ -136,19 +137,6 @@ def sequence_logps(net, params, rows, *, train=False, rng=None):
     return -jnp.sum(nll_BL * rows["weights"], axis=1)
 
 
-def switch_off_adapters(params):
-    """params with every LoRA B set to zero: x W + (x A) 0 is the base model exactly."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.zeros_like(x) if getattr(path[-1], "key", None) == "lora_b" else x,
-        params)
-
-
-def _both(batch):
-    """The chosen rows then the rejected rows, as one batch (one forward pass)."""
-    return {key: jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
-            for key in preferences.ROW_KEYS}
-
-
 def _rows_digest(config, rows_by_split) -> str:
     h = hashlib.sha256(f"{config.init_from}|{config.model.param_dtype}".encode())
     for rows in rows_by_split:
@@ -168,7 +156,7 @@ def reference_logps(config, workdir, train_rows, eval_rows):
                 return ({**train_rows, **{k[6:]: saved[k] for k in saved if k[:6] == "train_"}},
                         {**eval_rows, **{k[5:]: saved[k] for k in saved if k[:5] == "eval_"}})
     net = lm.build_model(config, lora_rank=0)  # the reference never has adapters
-    params = jax.device_put(sft.base_params(config))
+    params = jax.device_put(posttrain.base_params(config))
     logps = jax.jit(lambda p, rows: sequence_logps(net, p, rows))
     out, arrays = [], {"digest": np.asarray(digest)}
     for split, rows in (("train", train_rows), ("eval", eval_rows)):
@@ -197,10 +185,11 @@ def reference_logps(config, workdir, train_rows, eval_rows):
 def loss_fn(params, batch, rng, *, model, train):
     """The DPO (or IPO) loss summed over the pairs of the batch, plus metric sums."""
     n = batch["chosen_inputs"].shape[0]
-    both = _both(batch)
+    both = posttrain.both_sides(batch)
     policy = sequence_logps(model.net, params, both, train=train, rng=rng)
     if model.reference == "adapters_off":
-        ref = sequence_logps(model.net, jax.lax.stop_gradient(switch_off_adapters(params)), both)
+        base = jax.lax.stop_gradient(posttrain.switch_off_adapters(params))
+        ref = sequence_logps(model.net, base, both)
         ref_chosen, ref_rejected = ref[:n], ref[n:]
     else:
         ref_chosen, ref_rejected = batch["chosen_ref_logp"], batch["rejected_ref_logp"]
@@ -243,11 +232,6 @@ def final_report(final: dict, info: dict) -> str:
     return line
 
 
-def pair_batch(plain: dict) -> dict:
-    """The rows of `plain` (lm's keys) on both sides of a pair batch."""
-    return {f"{side_name}_{k}": v for side_name in SIDES for k, v in plain.items()}
-
-
 def _with_reference(config, batch):
     if reference_mode(config) == "precomputed":
         n = len(batch["chosen_inputs"])
@@ -257,9 +241,9 @@ def _with_reference(config, batch):
 
 def init_batch(config, batch_size):
     """A pair batch of the real shapes and dtypes."""
-    return _with_reference(config, pair_batch(lm.init_batch(config, batch_size)))
+    return _with_reference(config, posttrain.pair_batch(lm.init_batch(config, batch_size)))
 
 
 def bench_batch(config):
     """Random full rows on both sides (experiments/bench)."""
-    return _with_reference(config, pair_batch(lm.bench_batch(config)))
+    return _with_reference(config, posttrain.pair_batch(lm.bench_batch(config)))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-from data import lm as lm_data
+from data import hf_tokenizer, lm as lm_data, tokenizer_io
 from data import prepared, sources, tokenizer as tok
 from data.errors import DataError
 from models import gpt
@@ -39,7 +39,7 @@ def load_or_train_tokenizer(config, workdir, train_docs):
                             f"init_from={config.init_from} brings that model's tokenizer; use a "
                             "new workdir")
         # Copied once into workdir/hf_tokenizer/ (atomically), so the run folder keeps it.
-        multihost.write_once(hf_path, lambda: tok.load_hf_tokenizer(hf_dir).save(workdir))
+        multihost.write_once(hf_path, lambda: hf_tokenizer.load_hf_tokenizer(hf_dir).save(workdir))
     data_dir = prepared.prepared_dir(config.data.get("source", ""))
     if data_dir is not None and prepared.tokenizer_files(workdir) is None:
         # Prepared data brings its tokenizer: copied into the run folder once.
@@ -47,9 +47,9 @@ def load_or_train_tokenizer(config, workdir, train_docs):
         if name is None:
             raise DataError(f"{data_dir} holds no tokenizer; prepare the data again")
         multihost.write_once(os.path.join(workdir, name),
-                             lambda: tok.load_run_tokenizer(data_dir).save(workdir))
+                             lambda: tokenizer_io.load_run_tokenizer(data_dir).save(workdir))
     if os.path.isdir(hf_path):
-        return tok.load_hf_tokenizer(hf_path)
+        return hf_tokenizer.load_hf_tokenizer(hf_path)
     # Trained by process 0 alone: the others would write the same file at the same time.
     multihost.write_once(path, lambda: tok.train_tokenizer(
         train_docs, path, config.model.vocab_size, config.data.tokenizer_type,
@@ -62,8 +62,9 @@ def prepare_data(config, workdir) -> dict:
     d = config.data
     if d.max_len > config.model.max_len:
         raise DataError(f"config.data.max_len={d.max_len} exceeds the model context "
-                        f"config.model.max_len={config.model.max_len}; lower one or raise "
-                        "the other")
+                        f"config.model.max_len={config.model.max_len}; pass "
+                        f"--config.data.max_len={config.model.max_len} (or, training from "
+                        f"scratch, --config.model.max_len={d.max_len})")
     if prepared.prepared_dir(d.source) is not None:
         return _prepared_data(config, workdir)
     train_docs, eval_docs = sources.load_corpus(

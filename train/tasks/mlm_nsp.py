@@ -14,12 +14,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from data import bert_pretrain, prepared, sources
+from data import bert_pretrain, prepared, sources, tokenizer_io
 from data import tokenizer as tok
 from data import lm as lm_data
 from data.errors import DataError
 from models import bert
-from train import checkpoint, loop, multihost, tasks
+from train import errors, multihost, runs, tasks
 from train.tasks import lm
 
 # The encoder's shape: a fine-tuning config must agree with its pretraining run on these.
@@ -204,7 +204,7 @@ def bench_batch(config):
 
 def pretraining_config(init_from: str) -> ml_collections.ConfigDict:
     """The config.json of a pretraining run folder."""
-    return tasks.read_run_config(
+    return runs.read_run_config(
         init_from, "it is --config.init_from; pretrain first: python -m train.main "
                    f"--config=experiments/bert.py:tiny --workdir={init_from}")
 
@@ -215,7 +215,7 @@ def check_pretrained(config) -> ml_collections.ConfigDict:
     diffs = [f"model.{k}: pretrained {pre_config.model.get(k)!r} vs now {config.model.get(k)!r}"
              for k in ENCODER_KEYS if pre_config.model.get(k) != config.model.get(k)]
     if pre_config.model.get("family") != "bert" or diffs:
-        raise checkpoint.CheckpointMismatchError(
+        raise errors.CheckpointMismatchError(
             f"{config.init_from} does not hold a BERT encoder of this shape "
             f"({'; '.join(diffs) or 'family ' + repr(pre_config.model.get('family'))}). Pass "
             "the pretraining run's values (e.g. --config.model.d_model=...) or use the "
@@ -239,7 +239,7 @@ def copy_tokenizer(config, workdir):
         raise DataError(f"{source} has no tokenizer ({tok.MODEL_FILE} or {tok.HF_DIR}/); "
                         "pretrain into it first")
     os.makedirs(workdir, exist_ok=True)
-    multihost.write_once(target, lambda: tok.load_run_tokenizer(source).save(workdir))
+    multihost.write_once(target, lambda: tokenizer_io.load_run_tokenizer(source).save(workdir))
 
 
 def load_pretrained(config, shardings) -> dict:
@@ -250,7 +250,7 @@ def load_pretrained(config, shardings) -> dict:
     """
     pre_config = check_pretrained(config)
     # The pretraining run is restored read-only on its own terms (its heads included).
-    pretrained, _ = loop.restore_params(pre_config, config.init_from, tasks.get("mlm_nsp"),
+    pretrained, _ = runs.restore_params(pre_config, config.init_from, tasks.get("mlm_nsp"),
                                         merge_lora=True)
     encoder = {k: v for k, v in pretrained.items() if k not in bert.PRETRAINING_HEADS}
     return jax.device_put(encoder, {k: shardings[k] for k in encoder})

@@ -8,21 +8,21 @@ Bradley-Terry loss of Ouyang et al. 2022 (eq. 1) on pairs (x, y_w, y_l):
 The pairs and their rows are DPO's (data/preferences.py): JSONL {"prompt", "chosen",
 "rejected"}, or the offline genealogy pairs. Logged on held-out pairs: loss, accuracy (share with
 r_w > r_l), margin (mean r_w - r_l), and the mean score of each side. PPO (train/tasks/ppo.py)
-scores its rollouts with a trained run of this task (config.rl.reward_model).
+scores its rollouts with a trained run of this task (config.rl.reward=model:RUN,
+train/rl/rewards.py).
 """
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from data import preferences
+from data import chat, preferences
 from train import metrics
-from train.config import ConfigError
-from train.tasks import dpo, lm, sft
+from train.errors import ConfigError
+from train.tasks import lm, posttrain
 
 HEAD = "reward_head"
 FRESH_HEADS = (HEAD,)  # with LoRA the head trains alongside the adapters
 build_model = lm.build_model
-load_pretrained = sft.load_pretrained  # the head is not in the base run: it starts at zero
+load_pretrained = posttrain.load_pretrained  # the head is not in the base run: it starts at zero
 
 
 def configure(config):
@@ -30,17 +30,12 @@ def configure(config):
     if not config.get("init_from"):
         raise ConfigError("reward trains a head on a GPT run (usually an SFT run): set "
                           "--config.init_from=RUN, e.g. runs/gpt_sft")
-    sft.configure(config)
-
-
-def scalar_head(d_model: int):
-    """A zero D->1 linear head, boxed with logical names (embed on the kernel's rows)."""
-    return {"kernel": nn.LogicallyPartitioned(jnp.zeros((d_model, 1), jnp.float32), ("embed", None)),
-            "bias": nn.LogicallyPartitioned(jnp.zeros((1,), jnp.float32), (None,))}
+    posttrain.configure(config)
 
 
 def init_params(model, config, rng):
-    return {**lm.init_params(model, config, rng), HEAD: scalar_head(config.model.d_model)}
+    return {**lm.init_params(model, config, rng),
+            HEAD: posttrain.scalar_head(config.model.d_model)}
 
 
 def last_weighted(weights_BL):
@@ -63,10 +58,11 @@ def scores(net, params, rows, *, train=False, rng=None, head=HEAD):
 
 def prepare_data(config, workdir) -> dict:
     """Pairs -> chosen / rejected rows, as DPO's (no reference log-probabilities)."""
-    sft.check_lengths(config)
-    train, dev = sft.train_and_dev(config, preferences.bible_pairs, preferences.read_pairs)
-    tokenizer = sft.load_tokenizer(config, workdir, [])
-    ids = sft.chat.chat_token_ids(tokenizer)
+    posttrain.check_lengths(config)
+    train, dev = posttrain.train_and_dev(config, preferences.bible_pairs,
+                                         preferences.read_pairs)
+    tokenizer = posttrain.load_tokenizer(config, workdir, [])
+    ids = chat.chat_token_ids(tokenizer)
     train_rows, train_info = preferences.render_pairs(train, tokenizer, ids, config.data.max_len)
     eval_rows, eval_info = preferences.render_pairs(dev, tokenizer, ids, config.data.max_len)
     info = {"train_pairs": train_info["pairs"], "dev_pairs": eval_info["pairs"],
@@ -78,7 +74,7 @@ def prepare_data(config, workdir) -> dict:
 def loss_fn(params, batch, rng, *, model, train):
     """The Bradley-Terry loss summed over the pairs of the batch, plus metric sums."""
     n = batch["chosen_inputs"].shape[0]
-    r = scores(model, params, dpo._both(batch), train=train, rng=rng)
+    r = scores(model, params, posttrain.both_sides(batch), train=train, rng=rng)
     chosen, rejected = r[:n], r[n:]
     valid = (jnp.sum(batch["chosen_weights"], axis=1) > 0).astype(jnp.float32)
     margin = chosen - rejected
@@ -111,9 +107,9 @@ def flops_per_token(config) -> float:
 
 def init_batch(config, batch_size):
     """A pair batch of the real shapes and dtypes."""
-    return dpo.pair_batch(lm.init_batch(config, batch_size))
+    return posttrain.pair_batch(lm.init_batch(config, batch_size))
 
 
 def bench_batch(config):
     """Random full rows on both sides (experiments/bench)."""
-    return dpo.pair_batch(lm.bench_batch(config))
+    return posttrain.pair_batch(lm.bench_batch(config))

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from data import squad, sources
+from data import squad, squad_eval, sources
 from data.errors import DataError
 from train import multihost, pretrained
 from train.tasks import lm, mlm_nsp
@@ -131,8 +131,9 @@ def predict_logits(params, rows, config, predict_fn=None):
 def _answers(params, data, config, split):
     """(best span per qid, null minus span score per qid) of the `split` questions."""
     start, end = predict_logits(params, data[f"{split}_rows"], config, data["predict_fn"])
-    return squad.postprocess(data[f"{split}_examples"], data[f"{split}_meta"], start, end,
-                             n_best=config.data.n_best, max_answer_len=config.data.max_answer_len)
+    return squad_eval.postprocess(data[f"{split}_examples"], data[f"{split}_meta"], start, end,
+                                  n_best=config.data.n_best,
+                                  max_answer_len=config.data.max_answer_len)
 
 
 def choose_null_threshold(params, data, config) -> float:
@@ -141,7 +142,7 @@ def choose_null_threshold(params, data, config) -> float:
     if "holdout_examples" not in data:
         return 0.0
     answers, diffs = _answers(params, data, config, "holdout")
-    return squad.best_null_threshold(data["holdout_examples"], answers, diffs)[0]
+    return squad_eval.best_null_threshold(data["holdout_examples"], answers, diffs)[0]
 
 
 def evaluate_predictions(params, data, config, workdir) -> dict:
@@ -153,12 +154,12 @@ def evaluate_predictions(params, data, config, workdir) -> dict:
     threshold = None
     if data["v2"]:
         threshold = choose_null_threshold(params, data, config)
-        scores = squad.official_v2_scores(examples, answers, score_diffs, threshold)
-        answers = squad.apply_null_threshold(answers, score_diffs, threshold)
+        scores = squad_eval.official_v2_scores(examples, answers, score_diffs, threshold)
+        answers = squad_eval.apply_null_threshold(answers, score_diffs, threshold)
     else:
-        scores = squad.squad_evaluate(examples, answers)
+        scores = squad_eval.squad_evaluate(examples, answers)
     if jax.process_index() == 0:
-        squad.write_predictions(os.path.join(workdir, PREDICTIONS_FILE), answers)
+        squad_eval.write_predictions(os.path.join(workdir, PREDICTIONS_FILE), answers)
         with open(os.path.join(workdir, THRESHOLD_FILE), "w", encoding="utf-8") as f:
             json.dump({"null_threshold": threshold}, f)
     return {k: float(v) for k, v in scores.items()}
