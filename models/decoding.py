@@ -84,7 +84,7 @@ def sample(logits_fn, cache, prompt_BP, rng, *, max_new_tokens, temperature=1.0,
 
     With `return_logprobs`, also B,max_new_tokens float32: each emitted token's log-probability
     under softmax(logits / temperature) (the unfiltered distribution, unscaled at temperature
-    0), what a policy-gradient trainer compares its own forward pass with (train/tasks/ppo.py).
+    0), what a policy-gradient trainer compares its own forward pass with (train/rl/advantages.py).
     Entries after a row's `eos_id` are those of the repeated `eos_id`: callers mask them.
     """
     pick = functools.partial(next_token, temperature=temperature, top_k=top_k, top_p=top_p)

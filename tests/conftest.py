@@ -1,9 +1,15 @@
-"""Test session setup: 8 fake CPU devices so every sharded code path runs on a laptop."""
+"""Test session setup: 8 fake CPU devices so every sharded code path runs on a laptop.
+
+The command-line tests' subprocesses get 2 devices instead: their mesh is still split (batches,
+checkpoints and restores across devices), at about 60% of the CPU time of 8 devices on this
+2-core machine (a gpt.py:smoke run: 14 s of CPU against 23 s). A test that needs another count
+sets XLA_FLAGS for its own subprocess (tests/test_multihost.py, --config.mesh.cpu_devices).
+"""
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+_USER_FLAGS = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = f"{_USER_FLAGS} --xla_force_host_platform_device_count=8".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -18,7 +24,13 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))  # evictio
 
 import random  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# XLA reads its flags once, when the backend starts: start it now with 8 devices, then give the
+# environment that subprocesses inherit the 2-device flags.
+assert jax.device_count() == 8, jax.devices()
+os.environ["XLA_FLAGS"] = f"{_USER_FLAGS} --xla_force_host_platform_device_count=2".strip()
 
 WORDS = ("the king went to the city and the people said that the river was dark "
          "light came over the land and water ran by the stone of the old gate").split()
