@@ -360,7 +360,7 @@ def _verse_facts(db_path: str, version: str):
     in a verse, or across two consecutive verses when neither states it alone."""
     verses = sources.read_bible_verses(db_path, version)
     # data/squad.py's patterns, run on one verse at a time instead of its 8-verse contexts.
-    asked = [squad._relation_questions(text) for _, _, _, text in verses]
+    asked = [squad.relation_questions(text) for _, _, _, text in verses]
     for k, (book, chapter, verse, text) in enumerate(verses):
         for _, question, answers in asked[k]:
             yield book, chapter, verse, verse, text, question, answers
@@ -370,7 +370,7 @@ def _verse_facts(db_path: str, version: str):
         # Elkanah, ..."): the pair states what neither verse does.
         alone = {q for _, q, _ in asked[k]} | {q for _, q, _ in asked[k + 1]}
         pair = f"{text} {verses[k + 1][3]}"
-        for _, question, answers in squad._relation_questions(pair):
+        for _, question, answers in squad.relation_questions(pair):
             if question not in alone:
                 yield book, chapter, verse, verses[k + 1][2], pair, question, answers
 
@@ -403,7 +403,7 @@ def bible_qa(db_path: str, version: str = "4", max_context_chars: int = MAX_CONT
     return train, dev
 
 
-def _question_kind(conv: Conversation) -> str:
+def question_kind(conv: Conversation) -> str:
     """The first two words of the question ("Whose son", "What was"), else ""."""
     last_user = [content for role, content in conv.turns if role == "user"][-1:]
     question = last_user[0].rpartition("Question: ")[2] if last_user else ""
@@ -417,7 +417,7 @@ def few_shot_prefix(train: list[Conversation], k: int) -> tuple[tuple[str, str],
     by_kind: dict[str, list[Conversation]] = {}
     size = lambda conv: (sum(len(c) for _, c in conv.turns), conv.where)  # noqa: E731
     for conv in sorted(train, key=size):
-        by_kind.setdefault(_question_kind(conv), []).append(conv)
+        by_kind.setdefault(question_kind(conv), []).append(conv)
     queues, shots = list(by_kind.values()), []
     while len(shots) < k and any(queues):
         for queue in queues:

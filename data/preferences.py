@@ -74,7 +74,7 @@ def wrong_answer_pairs(conversations: list[chat.Conversation]) -> list[Pair]:
     """Pairs of question-answer conversations: the gold answer chosen, rejected the answer of
     the next conversation of the same question kind that is none of this one's answers
     (conversations without such a neighbour give no pair)."""
-    kind = chat._question_kind
+    kind = chat.question_kind
     by_kind: dict[str, list[chat.Conversation]] = {}
     for conv in conversations:
         by_kind.setdefault(kind(conv), []).append(conv)

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 
 import numpy as np
 
@@ -113,11 +112,11 @@ def write_shard(directory: str, split: str, index: int, arrays: dict, extra: dic
     shutil.rmtree(final, ignore_errors=True)  # a shard of a killed run whose record is missing
     os.replace(partial, final)
     record = {"name": name, "files": files, **extra}
-    _write_json(final + ".json", record)
+    write_json(final + ".json", record)
     return record
 
 
-def _write_json(path: str, value) -> None:
+def write_json(path: str, value) -> None:
     partial = path + ".partial"
     with open(partial, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=1)

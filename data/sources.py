@@ -83,7 +83,7 @@ def _open_text(path: str):
     return open(path, "rb")
 
 
-def _lines_utf8(path: str):
+def lines_utf8(path: str):
     """Lines of a (possibly compressed) UTF-8 file, streaming; bad bytes are a DataError."""
     import io
     offset = 0
@@ -141,7 +141,7 @@ def iter_documents(pattern: str, text_field: str = "text"):
 
 
 def _jsonl_stream(path: str, text_field: str):
-    for line_number, line in enumerate(_lines_utf8(path), start=1):
+    for line_number, line in enumerate(lines_utf8(path), start=1):
         if line.strip():
             yield _jsonl_document(path, line_number, line, text_field)
 
@@ -149,7 +149,7 @@ def _jsonl_stream(path: str, text_field: str):
 def _text_stream(path: str):
     """Documents separated by blank lines (only whitespace), as splitting at blank lines would."""
     lines = []
-    for line in _lines_utf8(path):
+    for line in lines_utf8(path):
         line = line.replace("\r\n", "\n")
         if not line.strip(" \t\r\f\v\n"):
             if lines:

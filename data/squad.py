@@ -299,7 +299,7 @@ def _bible_contexts(db_path: str, version: str) -> list[tuple[int, int, int, str
     return contexts
 
 
-def _relation_questions(context: str) -> list[tuple[str, str, list[dict]]]:
+def relation_questions(context: str) -> list[tuple[str, str, list[dict]]]:
     """(person, question, answers) for each person the context states a relation of."""
     found: dict[tuple[int, str], dict[str, int]] = {}
     for r, (pattern, _) in enumerate(_RELATIONS):
@@ -326,7 +326,7 @@ def _bible_split(contexts, seed: int) -> dict:
     qas: list[list[dict]] = [[] for _ in contexts]
     n_questions = 0
     for c, (book, chapter, verse, text) in enumerate(contexts):
-        for k, (person, question, answers) in enumerate(_relation_questions(text)):
+        for k, (person, question, answers) in enumerate(relation_questions(text)):
             qid = f"{book}-{chapter}-{verse}-{k}"
             qas[c].append({"id": qid, "question": question, "answers": answers,
                            "is_impossible": False})

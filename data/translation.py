@@ -41,7 +41,7 @@ def iter_tsv_pairs(path: str):
     (a TSV of any size; .gz / .zst too), stripped; a pair with a blank side is skipped."""
     if not os.path.isfile(path):
         raise DataError(f"parallel text file {path} does not exist; check the path")
-    for line_number, line in enumerate(sources._lines_utf8(path), start=1):
+    for line_number, line in enumerate(sources.lines_utf8(path), start=1):
         # Only "\n" ends a line: str.splitlines() would also break at U+2028, U+0085 and form
         # feeds, which can occur inside a sentence.
         line = line.removesuffix("\n").removesuffix("\r")

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 from absl import app, flags
 
 from data import lm as lm_data, tokenizer_io

@@ -12,7 +12,6 @@ tokenizer, which is trained here on a seeded sample (data.tokenizer_max_sentence
 shard when run again; finished, running it again only prints the summary.
 """
 import collections
-import functools
 import itertools
 import multiprocessing
 import os
@@ -242,7 +241,7 @@ def prepare(config, out: str, *, docs_per_shard: int = 20_000, workers: int = 1,
             raise DataError(f"the input files changed since {out} was started; use a new --out "
                             "(the shards there stay as they are)")
     else:
-        prepared._write_json(state_path, {"settings": settings, "sources": files})
+        prepared.write_json(state_path, {"settings": settings, "sources": files})
 
     start = time.time()
     is_translation = config.task == "seq2seq"
@@ -339,14 +338,14 @@ def _finish(out, settings, files, tokenizer, seconds, translation_pairs) -> dict
         np.save(os.path.join(out, "unigram.npy"), counts)
     if translation_pairs is not None:
         dev, test = translation_pairs
-        prepared._write_json(os.path.join(out, "pairs.json"),
+        prepared.write_json(os.path.join(out, "pairs.json"),
                              {"dev": [list(p) for p in dev], "test": [list(p) for p in test]})
     manifest = {"format": prepared.FORMAT, "task": settings["task"], "settings": settings,
                 "layout": prepared.LAYOUTS[settings["task"]], "sources": files,
                 "tokenizer": {"fingerprint": prepared.tokenizer_fingerprint(tokenizer),
                               "vocab_size": tokenizer.vocab_size},
                 "splits": splits, "seconds": seconds}
-    prepared._write_json(os.path.join(out, prepared.MANIFEST), manifest)
+    prepared.write_json(os.path.join(out, prepared.MANIFEST), manifest)
     return manifest
 
 

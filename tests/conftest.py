@@ -28,8 +28,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # XLA reads its flags once, when the backend starts: start it now with 8 devices, then give the
-# environment that subprocesses inherit the 2-device flags.
-assert jax.device_count() == 8, jax.devices()
+# environment that subprocesses inherit the 2-device flags. (A subprocess that imports this file,
+# for a reward function of a test module, has started its own backend already: no change.)
+jax.devices()
 os.environ["XLA_FLAGS"] = f"{_USER_FLAGS} --xla_force_host_platform_device_count=2".strip()
 
 WORDS = ("the king went to the city and the people said that the river was dark "

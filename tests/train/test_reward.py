@@ -73,7 +73,8 @@ def test_a_run_learns_its_pairs_and_resumes_exactly(pair_base, tmp_path):
              "--config.log_every_steps=2", "--config.batch_size=8", "--config.eval_batch_size=8",
              "--config.opt.learning_rate=3e-3", "--config.opt.warmup_steps=0"]
     full = tmp_path / "full"
-    out = run("train.main", *flags, f"--workdir={full}").stdout
+    # 8 devices, as the in-process runs below have: the curves are compared exactly.
+    out = run("train.main", *flags, f"--workdir={full}", devices=8).stdout
     assert "Bradley-Terry loss" in out and "held-out pairs: accuracy" in out
     trains = [m for m in map(json.loads, (full / "metrics.jsonl").read_text().splitlines())
               if m.get("split") == "train"]
