@@ -13,6 +13,7 @@ from data.tokenizer import MODEL_TYPES as TOKENIZERS
 from models.blocks import REMAT_POLICIES
 from models.layers import ACTIVATIONS, POSITION_LAYOUTS
 from train.errors import ConfigError
+from train.profiling import parse_steps
 
 ATTENTION = ("fast", "xla", "cudnn", "reference")  # models/attention.py MultiHeadAttention
 DTYPES = ("float32", "bfloat16", "float16")
@@ -184,3 +185,4 @@ def validate(config) -> None:
                               f"{expected}{note}. Pass --config.{key}=<valid value>")
     for message in _relations(config):
         raise ConfigError(message)
+    parse_steps(config.get("profile_steps", ""))  # "FIRST-LAST", its own one-line error

@@ -33,7 +33,7 @@ def new_folder(path: str) -> str:
 def commit_folder(tmp: str, path: str) -> None:
     """Renames the finished temporary folder `tmp` to `path` (empty or absent)."""
     if os.path.isdir(path):
-        os.rmdir(path)  # empty (checked by _new_folder)
+        os.rmdir(path)  # empty (checked by new_folder)
     os.replace(tmp, path)
 
 
@@ -59,7 +59,8 @@ def import_run(directory: str, workdir: str, config) -> dict:
     try:
         with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
             state = s.init_fn(jax.random.key(config.seed))
-            params = pretrained.load_params(config, s.abstract.params, s.state_shardings.params, report)
+            params = pretrained.load_params(config, s.abstract.params, s.state_shardings.params,
+                                            report)
             state = state.replace(params={**state.params, **params})
         ckpt = checkpoint.Checkpointer(tmp, async_save=False)
         ckpt.save(0, state, {"next_index": 0}, force=True)

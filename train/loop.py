@@ -60,7 +60,6 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     if task.configure is not None:
         task.configure(config)
     config_lib.validate(config)
-    profiling.parse_steps(config.get("profile_steps", ""))  # a bad range: refused before any write
     profiling.use_compilation_cache(config.get("compilation_cache_dir", ""))
     if step_lib.uses_lora(config) and config.get("init_from"):
         # A LoRA run reloads its base at every start and in every tool: from anywhere.

@@ -32,7 +32,12 @@ def use_compilation_cache(path: str) -> str | None:
     if not path:
         return None
     path = os.path.abspath(os.path.expanduser(path))
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"config.compilation_cache_dir={path!r} cannot be made ({e.strerror}); "
+                          "pass a folder you can write to, or an empty value to turn the "
+                          "cache off") from None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

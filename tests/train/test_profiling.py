@@ -67,3 +67,17 @@ def test_a_resumed_run_adds_no_compilation_cache_entries(corpus_file, tmp_path):
     assert len(first) >= 3, first  # init, the train step, the eval step at least
     assert _entries(cache) == first
     assert [s for s, _ in _train_losses(tmp_path / "run")][-1] == 4
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_config_error(tmp_path):
+    import jax
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    session_cache = jax.config.jax_compilation_cache_dir  # the tests' own (tests/conftest.py)
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        with pytest.raises(errors.ConfigError,
+                           match="compilation_cache_dir=.*cannot be made.*pass a folder"):
+            profiling.use_compilation_cache(str(blocker / "xla"))
+    finally:
+        jax.config.update("jax_compilation_cache_dir", session_cache)
