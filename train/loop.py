@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
-from data import lm as lm_data
+from data import lm as lm_data, sources
 from train import checkpoint, config as config_lib, errors, metrics as metrics_lib
 from train import pretrained as hf_io, profiling, runs, sharding, step as step_lib
 from train.errors import ConfigError
@@ -142,7 +142,7 @@ def _run(run, state, train_iter, dropout_rng, notes):
     """The step loop: train, log, evaluate, checkpoint; saves on SIGTERM and at the end."""
     config, task, ckpt = run.config, run.task, run.ckpt
     first_step = int(jax.device_get(state.step))
-    peak, peak_source = metrics_lib.peak_flops()
+    peak, peak_source = metrics_lib.peak_flops(str(sources.default_cache_dir()))
     tokens_per_step = config.batch_size * config.data.max_len
     seconds_at_peak = task.flops_per_token(config) * tokens_per_step / peak
     num_params = sum(x.size for x in jax.tree.leaves(run.setup.abstract.params))

@@ -5,12 +5,16 @@ steps (and over hosts) are exact rather than means of means.
 """
 import json
 import os
+import platform
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+
+from train import events
 
 # Dense bf16 peak FLOP/s per chip from the vendors' data sheets, keyed by jax device_kind.
 PEAK_FLOPS = {
@@ -52,15 +56,61 @@ def peak_kind(device_kind: str):
     return max(prefixes, key=len) if prefixes else None
 
 
-def peak_flops() -> tuple[float, str]:
+def cpu_key() -> str:
+    """This CPU's model, the cores this process may use and the jax version: what the matmul
+    peak depends on."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model} | {cores} cores | jax {jax.__version__}"
+
+
+def cpu_peak_flops(cache_dir: str | None = None) -> tuple[float, str]:
+    """The measured CPU matmul peak, kept per machine in `cache_dir`/cpu_peak_flops.json.
+
+    Measured the first time a run starts on this CPU (about 1.4 s), then read: every run on the
+    machine divides by the same peak, so their MFUs compare. Delete the file to measure again;
+    `experiments.bench` always measures afresh. No `cache_dir`: measured every time.
+    """
+    if not cache_dir:
+        return measure_matmul_flops(), "measured fp32 matmul"
+    path, key = os.path.join(cache_dir, "cpu_peak_flops.json"), cpu_key()
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+    except (OSError, ValueError):
+        table = {}
+    table = table if isinstance(table, dict) else {}
+    known = table.get(key)
+    if isinstance(known, (int, float)) and known > 0:
+        return float(known), f"fp32 matmul measured once on this CPU, {path}"
+    peak = measure_matmul_flops()
+    try:  # a new file moved into place: processes starting together never read half of one
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({**table, key: peak}, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: measured again next time
+    return peak, "measured fp32 matmul"
+
+
+def peak_flops(cache_dir: str | None = None) -> tuple[float, str]:
     """(peak FLOP/s of all devices together, how it was obtained), the denominator of MFU.
 
-    On CPU the matmul is measured once and already uses every core, however many fake devices
-    XLA was told to create; accelerators are one chip's peak times the device count.
+    On CPU the matmul is measured (once per machine when `cache_dir` is given, see
+    cpu_peak_flops) and already uses every core, however many fake devices XLA was told to
+    create; accelerators are one chip's peak times the device count.
     """
     device = jax.devices()[0]
     if device.platform == "cpu":
-        return measure_matmul_flops(), "measured fp32 matmul"
+        return cpu_peak_flops(cache_dir)
     kind = peak_kind(device.device_kind)
     if kind is not None:
         return PEAK_FLOPS[kind] * jax.device_count(), f"{kind} bf16 data sheet"
@@ -134,8 +184,7 @@ class MetricWriter:
         self._file = self._tb = None
         if self.enabled:
             self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = events.EventWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, split: str, metrics: dict):
         if not self.enabled:
@@ -143,9 +192,8 @@ class MetricWriter:
         record = {"step": int(step), "split": split, **metrics}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)):
-                self._tb.add_scalar(f"{split}/{key}", value, step)
+        self._tb.write(int(step), {f"{split}/{key}": value for key, value in metrics.items()
+                                   if isinstance(value, (int, float))})
 
     def close(self):
         if self.enabled:
