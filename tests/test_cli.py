@@ -1,10 +1,13 @@
 """End-to-end command-line runs: train, resume, sample, compare, and every bad input."""
+import atexit
 import json
 import os
 import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import pytest
@@ -19,14 +22,65 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def run(module, *args, check=True, devices=None):
     """Runs `python -m module args` from the repository root; returns the CompletedProcess.
-    `devices`: the host device count, instead of the 2 that tests/conftest.py gives."""
-    env = None if devices is None else dict(
-        os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
-                          text=True, errors="surrogateescape", timeout=300, env=env)
+    `devices`: the host device count, instead of the 2 that tests/conftest.py gives.
+    The run is forked from tests/forkserver.py, which has the libraries imported already
+    (TESTS_FORK=0: a fresh interpreter each time, as before)."""
+    env = dict(os.environ)
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    server = _fork_server()
+    if server is not None and _jax_settings(env) == server.jax_settings:
+        proc = server.run(module, args, env)
+    else:
+        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
+                              capture_output=True, text=True, errors="surrogateescape",
+                              timeout=300, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def _jax_settings(env):
+    """What jax reads from the environment when it is imported (the server imported it)."""
+    return {key: value for key, value in env.items() if key.startswith("JAX_")}
+
+
+class _ForkServer:
+    def __init__(self):
+        self.jax_settings = _jax_settings(os.environ)
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.forkserver"], cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert json.loads(self.proc.stdout.readline()) == {"ready": True}
+        self.tmp = tempfile.mkdtemp(prefix="forkserver-")
+        atexit.register(self.proc.stdin.close)  # the server ends with its input
+
+    def run(self, module, args, env, timeout=300):
+        out, err = os.path.join(self.tmp, "stdout"), os.path.join(self.tmp, "stderr")
+        request = dict(module=module, args=[str(a) for a in args], env=env, cwd=str(ROOT),
+                       stdout=out, stderr=err)
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        pid = json.loads(self.proc.stdout.readline())["pid"]
+        watchdog = threading.Timer(timeout, os.kill, (pid, signal.SIGKILL))
+        watchdog.start()
+        returncode = json.loads(self.proc.stdout.readline())["returncode"]
+        watchdog.cancel()
+        if returncode == -signal.SIGKILL:
+            raise subprocess.TimeoutExpired([module, *args], timeout)
+        read = lambda path: pathlib.Path(path).read_text(errors="surrogateescape")  # noqa: E731
+        return subprocess.CompletedProcess([sys.executable, "-m", module, *args], returncode,
+                                           read(out), read(err))
+
+
+_SERVER = []
+
+
+def _fork_server():
+    if os.environ.get("TESTS_FORK", "1") == "0":
+        return None
+    if not _SERVER:
+        _SERVER.append(_ForkServer())
+    return _SERVER[0]
 
 
 def train(workdir, corpus, *overrides, check=True):
