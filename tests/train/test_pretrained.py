@@ -81,6 +81,11 @@ def _load(experiment, folder, mesh=MESH, **model_overrides):
     return config, task.build_model(config), {**fresh, **params}
 
 
+def _forward(model, params, *args):
+    """model.apply({"params": params}, *args) as one compiled program (not op by op)."""
+    return jax.jit(lambda p, a: model.apply({"params": p}, *a))(params, args)
+
+
 def _padded_batch(rng, batch=3, length=16, low=0, high=VOCAB):
     ids = rng.integers(low, high, (batch, length))
     mask = np.ones_like(ids)
@@ -99,8 +104,8 @@ def test_gpt2_logits_match_transformers_on_a_padded_batch(folders):
     with torch.no_grad():
         ref = _torch_model("GPT2LMHeadModel", folders["gpt2"])(
             torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids, jnp.int32), None,
-                                  jnp.asarray(mask, jnp.int32)))
+    ours = np.asarray(_forward(model, params, jnp.asarray(ids, jnp.int32), None,
+                               jnp.asarray(mask, jnp.int32)))
     real = mask.astype(bool)
     assert np.abs(ours[..., :VOCAB] - ref)[real].max() <= 1e-5
     # The 84 padded vocabulary rows can never win: their logits are the lowest float.
@@ -132,8 +137,8 @@ def test_bert_pretraining_heads_match_transformers(folders):
             torch.tensor(ids), attention_mask=torch.tensor(mask),
             token_type_ids=torch.tensor(types))
     positions = np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1))
-    out = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(types),
-                      jnp.asarray(mask), jnp.asarray(positions))
+    out = _forward(model, params, jnp.asarray(ids), jnp.asarray(types), jnp.asarray(mask),
+                   jnp.asarray(positions))
     real = mask.astype(bool)
     mlm = np.asarray(out["mlm_logits_BPV"])[..., :VOCAB]
     assert np.abs(mlm - ref.prediction_logits.numpy())[real].max() <= 1e-5
@@ -147,7 +152,7 @@ def test_bert_model_hidden_states_and_pooler_match(folders):
     with torch.no_grad():
         ref = _torch_model("BertModel", folders["bert_model"])(
             torch.tensor(ids), attention_mask=torch.tensor(mask))
-    out = model.apply({"params": params}, jnp.asarray(ids), None, jnp.asarray(mask))
+    out = _forward(model, params, jnp.asarray(ids), None, jnp.asarray(mask))
     real = mask.astype(bool)
     assert np.abs(np.asarray(out["sequence_BLD"]) - ref.last_hidden_state.numpy()
                   )[real].max() <= 1e-5
@@ -166,7 +171,7 @@ def test_bert_question_answering_and_classifier_heads_match(folders):
     with torch.no_grad():
         ref = _torch_model("BertForQuestionAnswering", folders["bert_qa"])(
             torch.tensor(ids), attention_mask=torch.tensor(mask))
-    out = model.apply({"params": params}, jnp.asarray(ids), None, jnp.asarray(mask))
+    out = _forward(model, params, jnp.asarray(ids), None, jnp.asarray(mask))
     for ours, theirs in ((out["start_logits_BL"], ref.start_logits),
                          (out["end_logits_BL"], ref.end_logits)):
         assert np.abs(np.asarray(ours) - theirs.numpy())[real].max() <= 1e-5
@@ -175,7 +180,7 @@ def test_bert_question_answering_and_classifier_heads_match(folders):
     with torch.no_grad():
         ref = _torch_model("BertForSequenceClassification", folders["bert_cls"])(
             torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-    out = model.apply({"params": params}, jnp.asarray(ids), None, jnp.asarray(mask))
+    out = _forward(model, params, jnp.asarray(ids), None, jnp.asarray(mask))
     assert np.abs(np.asarray(out["class_logits_BN"]) - ref).max() <= 1e-5
 
 
@@ -199,7 +204,7 @@ def test_marian_logits_match_transformers(folders):
             input_ids=torch.tensor(src), attention_mask=torch.tensor(src_mask),
             decoder_input_ids=torch.tensor(tgt)).logits.numpy()
     # No segment ids given: the source padding is found from config.model.pad_id.
-    ours = np.asarray(model.apply({"params": params}, jnp.asarray(src), jnp.asarray(tgt)))
+    ours = np.asarray(_forward(model, params, jnp.asarray(src), jnp.asarray(tgt)))
     assert np.abs(ours[..., :VOCAB] - ref).max() <= 1e-5
 
 
@@ -251,7 +256,7 @@ def test_bf16_compute_with_fp32_params_stays_close(folders, experiment, name, cl
             ref = _torch_model(cls, folders[name])(
                 input_ids=torch.tensor(src), attention_mask=torch.tensor(src_mask),
                 decoder_input_ids=torch.tensor(tgt)).logits.numpy()
-        ours = model.apply({"params": params}, jnp.asarray(src), jnp.asarray(tgt))[..., :VOCAB]
+        ours = _forward(model, params, jnp.asarray(src), jnp.asarray(tgt))[..., :VOCAB]
         real = np.ones(ref.shape[:2], bool)
     else:
         ids, mask = _padded_batch(rng)
@@ -261,12 +266,12 @@ def test_bf16_compute_with_fp32_params_stays_close(folders, experiment, name, cl
                                                    attention_mask=torch.tensor(mask))
         if name == "gpt2":
             ref = out.logits.numpy()
-            ours = model.apply({"params": params}, jnp.asarray(ids), None,
-                               jnp.asarray(mask))[..., :VOCAB]
+            ours = _forward(model, params, jnp.asarray(ids), None,
+                            jnp.asarray(mask))[..., :VOCAB]
         else:
             ref = out.last_hidden_state.numpy()
-            ours = model.apply({"params": params}, jnp.asarray(ids), None,
-                               jnp.asarray(mask))["sequence_BLD"]
+            ours = _forward(model, params, jnp.asarray(ids), None,
+                            jnp.asarray(mask))["sequence_BLD"]
     assert ours.dtype == jnp.bfloat16
     error = np.abs(np.asarray(ours, np.float32) - ref)[real].max()
     assert error <= 0.05 * np.abs(ref).max() + 0.02, error
@@ -373,10 +378,13 @@ def test_import_then_export_gives_the_same_tensors_bit_for_bit(folders, experime
 def _perturbed(params, seed):
     """Random values everywhere (LayerNorm scales and biases included), so every tensor
     matters to the comparison."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
-                                        for x, k in zip(leaves, keys)])
+    @jax.jit  # one program, not one per leaf and op
+    def perturb(params):
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(seed), len(leaves))
+        return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                                            for x, k in zip(leaves, keys)])
+    return perturb(params)
 
 
 def _export_fresh(tmp_path, experiment, **model):
@@ -409,8 +417,7 @@ def test_export_of_our_gpt_and_bert_loads_in_transformers_with_the_same_logits(t
     with torch.no_grad():
         ref = _torch_model("GPT2LMHeadModel", folder)(
             torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids), None,
-                                  jnp.asarray(mask)))
+    ours = np.asarray(_forward(model, params, jnp.asarray(ids), None, jnp.asarray(mask)))
     assert np.abs(ours - ref)[mask.astype(bool)].max() <= 1e-5
 
     config, model, params, folder = _export_fresh(tmp_path, bert_exp)
@@ -419,8 +426,8 @@ def test_export_of_our_gpt_and_bert_loads_in_transformers_with_the_same_logits(t
         ref = _torch_model("BertForPreTraining", folder)(
             torch.tensor(ids), attention_mask=torch.tensor(mask))
     positions = np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1))
-    out = model.apply({"params": params}, jnp.asarray(ids), None, jnp.asarray(mask),
-                      jnp.asarray(positions))
+    out = _forward(model, params, jnp.asarray(ids), None, jnp.asarray(mask),
+                   jnp.asarray(positions))
     real = mask.astype(bool)
     assert np.abs(np.asarray(out["mlm_logits_BPV"]) - ref.prediction_logits.numpy()
                   )[real].max() <= 1e-5
@@ -443,7 +450,7 @@ def test_export_of_our_transformer_loads_as_marian_with_the_same_logits(tmp_path
         ref = _torch_model("MarianMTModel", folder)(
             input_ids=torch.tensor(src), attention_mask=torch.tensor((src != 0).astype(int)),
             decoder_input_ids=torch.tensor(tgt)).logits.numpy()
-    ours = np.asarray(model.apply({"params": params}, jnp.asarray(src), jnp.asarray(tgt)))
+    ours = np.asarray(_forward(model, params, jnp.asarray(src), jnp.asarray(tgt)))
     assert np.abs(ours - ref).max() <= 1e-5
 
 
@@ -471,9 +478,8 @@ def test_a_real_pretrained_checkpoint_matches_transformers():
     with torch.no_grad():
         ref = _torch_model("BertModel", folder)(
             **{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state.numpy()
-    out = model.apply({"params": params}, jnp.asarray(batch["input_ids"]),
-                      jnp.asarray(batch["token_type_ids"]),
-                      jnp.asarray(batch["attention_mask"]))
+    out = _forward(model, params, jnp.asarray(batch["input_ids"]),
+                   jnp.asarray(batch["token_type_ids"]), jnp.asarray(batch["attention_mask"]))
     real = batch["attention_mask"].astype(bool)
     assert np.abs(np.asarray(out["sequence_BLD"]) - ref)[real].max() <= 1e-5
 
@@ -489,8 +495,7 @@ def test_scanned_layers_import_and_export_like_unscanned(folders, experiment, na
     assert "h" in params or "layer" in params
     ids, mask = _padded_batch(np.random.default_rng(10))
     args = (jnp.asarray(ids), None, jnp.asarray(mask))
-    ours, theirs = model.apply({"params": params}, *args), plain_model.apply({"params": plain},
-                                                                            *args)
+    ours, theirs = _forward(model, params, *args), _forward(plain_model, plain, *args)
     np.testing.assert_allclose(np.asarray(jax.tree.leaves(ours)[0]),
                                np.asarray(jax.tree.leaves(theirs)[0]), atol=1e-6)
     exported = pretrained.export_tensors(config, params, _logical(config))
