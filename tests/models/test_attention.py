@@ -13,7 +13,7 @@ def _attention_outputs(mask_kwargs, kv=None, seed=0):
     outs = []
     for impl in ("fast", "reference"):
         mod = attention.MultiHeadAttention(num_heads=4, head_dim=4, implementation=impl)
-        params = mod.init(jax.random.key(1), x, kv, **mask_kwargs)
+        params = jax.jit(lambda x, kv: mod.init(jax.random.key(1), x, kv, **mask_kwargs))(x, kv)
         outs.append(jax.jit(lambda p, x, kv: mod.apply(p, x, kv, **mask_kwargs))(params, x, kv))
     return outs
 
@@ -38,7 +38,7 @@ def test_query_blocked_causal_attention_equals_full_attention(impl, segments):
     def run(blocks):
         mod = attention.MultiHeadAttention(num_heads=4, head_dim=4, implementation=impl,
                                            query_blocks=blocks)
-        params = mod.init(jax.random.key(1), x)
+        params = jax.jit(mod.init)(jax.random.key(1), x)
         f = lambda p, x: jnp.sum(jnp.sin(mod.apply(p, x, segment_ids_BL=seg, causal=True)))
         dots = str(jax.make_jaxpr(f)(params, x)).count("dot_general")
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x), dots
@@ -56,12 +56,12 @@ def test_reference_attention_is_the_softmax_formula():
     logits = q[0, :, 0] @ k[0, :, 0].T / np.sqrt(2.0)
     weights = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     expected = weights @ v[0, :, 0]
-    got = attention.reference_attention(q, k, v)[0, :, 0]
+    got = jax.jit(attention.reference_attention)(q, k, v)[0, :, 0]
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 def test_mask_blocks_padding_other_segments_and_future():
     seg = jnp.array([[1, 1, 2, 0]])
-    mask = np.asarray(attention.make_attention_mask(seg, causal=True))[0, 0]
+    mask = np.asarray(jax.jit(lambda s: attention.make_attention_mask(s, causal=True))(seg))[0, 0]
     expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], bool)
     np.testing.assert_array_equal(mask, expected)

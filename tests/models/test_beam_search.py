@@ -50,7 +50,8 @@ def _all_sequences(vocab_size, max_len):
 
 def _search(logits_fn, cache, batch_size, **kw):
     kw = {"bos_id": BOS, "eos_id": EOS, **kw}
-    tokens, scores = decoding.beam_search(logits_fn, cache, batch_size, **kw)
+    tokens, scores = jax.jit(lambda c: decoding.beam_search(logits_fn, c, batch_size, **kw))(
+        cache)
     return np.asarray(tokens), np.asarray(scores)
 
 

@@ -18,7 +18,8 @@ SMALL = gpt.GPTConfig(vocab_size=61, max_len=24, num_layers=2, d_model=32, num_h
 @pytest.fixture(scope="module")
 def params():
     model = gpt.GPT(SMALL)
-    return nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    return nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
+                                             jnp.zeros((1, 8), jnp.int32))["params"])
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +45,10 @@ def test_output_projection_is_the_tied_token_embedding(params):
 
 def test_change_at_t_never_moves_outputs_before_t(params, forward):
     tokens = jax.random.randint(jax.random.key(1), (1, 16), 0, 61)
-    base = forward(params, tokens)
+    perturb = jax.jit(lambda tokens, t: tokens.at[0, t].set((tokens[0, t] + 7) % 61))
+    base = np.asarray(forward(params, tokens))
     for t in (0, 5, 15):
-        changed = forward(params, tokens.at[0, t].set((tokens[0, t] + 7) % 61))
+        changed = np.asarray(forward(params, perturb(tokens, t)))
         np.testing.assert_allclose(changed[0, :t], base[0, :t], atol=1e-6)
         assert not np.allclose(changed[0, t:], base[0, t:], atol=1e-4)
 
@@ -56,9 +58,10 @@ def test_packed_documents_never_see_each_other(params, forward):
     segments = jnp.array([[1] * 5 + [2] * 7])
     packed = forward(params, tokens, segments)
     # Document 2 alone, at its own positions, must give the same logits as inside the pack.
-    alone = gpt.GPT(SMALL).apply({"params": params}, tokens[:, 5:])
+    apply = jax.jit(lambda p, *args: gpt.GPT(SMALL).apply({"params": p}, *args))
+    alone = apply(params, tokens[:, 5:])
     positions = jnp.array([list(range(5)) + list(range(7))])
-    packed_pos = gpt.GPT(SMALL).apply({"params": params}, tokens, positions, segments)
+    packed_pos = apply(params, tokens, positions, segments)
     np.testing.assert_allclose(packed_pos[0, 5:], alone[0], atol=1e-5)
     # Changing document 1 leaves document 2's outputs unchanged.
     other = forward(params, tokens.at[0, :5].set(3), segments)
@@ -102,6 +105,8 @@ def test_lm_loss_is_log_vocab_at_uniform_logits():
     batch = lm.init_batch(config, 2)
     batch["weights"] = batch["weights"].at[0, :3].set(0.0)
     params = {"wte": {"embedding": jnp.ones((61, 4))}}
-    loss_sum, sums = lm.loss_fn(params, batch, None, model=Uniform(gpt.GPTConfig.from_config(config.model)), train=False)
+    model = Uniform(gpt.GPTConfig.from_config(config.model))
+    loss_sum, sums = jax.jit(lambda p, b: lm.loss_fn(p, b, None, model=model, train=False))(
+        params, batch)
     assert float(sums["weight_sum"]) == 2 * 32 - 3
     assert float(loss_sum) == pytest.approx(np.log(61) * (2 * 32 - 3), rel=1e-5)

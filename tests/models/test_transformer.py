@@ -15,8 +15,8 @@ SMALL = tf.TransformerConfig(vocab_size=53, max_len=32, num_layers=2, d_model=32
 
 @pytest.fixture(scope="module")
 def params():
-    variables = tf.Transformer(SMALL).init(jax.random.key(0), jnp.ones((1, 8), jnp.int32),
-                                           jnp.ones((1, 8), jnp.int32))
+    variables = jax.jit(tf.Transformer(SMALL).init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32),
+                                                    jnp.ones((1, 8), jnp.int32))
     return nn.meta.unbox(variables["params"])
 
 
@@ -51,9 +51,10 @@ def test_source_padding_changes_nothing(params, forward):
 def test_decoder_change_at_t_never_moves_earlier_outputs(params, forward):
     src = jax.random.randint(jax.random.key(3), (1, 7), 4, 53)
     tgt = jax.random.randint(jax.random.key(4), (1, 9), 4, 53)
-    base = forward(params, src, tgt)
+    perturb = jax.jit(lambda tgt, t: tgt.at[0, t].set((tgt[0, t] + 5) % 53))
+    base = np.asarray(forward(params, src, tgt))
     for t in (0, 4, 8):
-        changed = forward(params, src, tgt.at[0, t].set((tgt[0, t] + 5) % 53))
+        changed = np.asarray(forward(params, src, perturb(tgt, t)))
         np.testing.assert_allclose(changed[0, :t], base[0, :t], atol=1e-6)
         assert not np.allclose(changed[0, t:], base[0, t:], atol=1e-4)
 
@@ -64,8 +65,8 @@ def test_packed_pairs_never_see_each_other(params, forward):
     src_seg, tgt_seg = jnp.array([[1] * 4 + [2] * 6]), jnp.array([[1] * 3 + [2] * 5])
     model = tf.Transformer(SMALL)
     pos = lambda seg: jnp.concatenate([jnp.arange((seg == k).sum()) for k in (1, 2)])[None]
-    packed = model.apply({"params": params}, src, tgt, src_seg, tgt_seg, pos(src_seg),
-                         pos(tgt_seg))
+    packed = jax.jit(lambda p, *args: model.apply({"params": p}, *args))(
+        params, src, tgt, src_seg, tgt_seg, pos(src_seg), pos(tgt_seg))
     alone = forward(params, src[:, 4:], tgt[:, 3:])  # pair 2 on its own
     np.testing.assert_allclose(packed[0, 3:], alone[0], atol=1e-5)
 
@@ -75,7 +76,8 @@ def test_incremental_decoding_equals_the_full_decoder(params, forward):
     tgt = jax.random.randint(jax.random.key(8), (2, 10), 4, 53)
     full = forward(params, src, tgt)
     decoder = tf.Transformer(dataclasses.replace(SMALL, decode=True))
-    cache, encoded, src_seg, cross_kv = tf.init_decode_cache(decoder, params, src, 10)
+    cache, encoded, src_seg, cross_kv = jax.jit(
+        lambda p, s: tf.init_decode_cache(decoder, p, s, 10))(params, src)
     step = jax.jit(lambda c, t, i: decoder.apply(
         {"params": params, "cache": c}, t, encoded, src_seg, None, jnp.full(t.shape, i), True,
         cross_kv, method=tf.Transformer.decode, mutable=["cache"]))
@@ -138,8 +140,9 @@ def _full_forward_beam_search(params, src, beam_size, max_len):
         return last, {"prefix": prefix, "step": state["step"] + 1}
 
     state = {"prefix": jnp.zeros((rows, max_len), jnp.int32), "step": jnp.array(0)}
-    return decoding.beam_search(logits_fn, state, src.shape[0], beam_size=beam_size,
-                                max_len=max_len, bos_id=2, eos_id=3, alpha=0.6)
+    return jax.jit(lambda state: decoding.beam_search(
+        logits_fn, state, src.shape[0], beam_size=beam_size, max_len=max_len, bos_id=2,
+        eos_id=3, alpha=0.6))(state)
 
 
 def test_beam_search_encodes_each_sentence_once_and_matches_the_uncached_search(params):
@@ -154,8 +157,8 @@ def test_beam_search_encodes_each_sentence_once_and_matches_the_uncached_search(
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        tokens, scores = tf.translate_ids(decoder, params, src, beam_size=3, alpha=0.6,
-                                          max_len=12)
+        tokens, scores = jax.jit(lambda p, s: tf.translate_ids(decoder, p, s, beam_size=3,
+                                                               alpha=0.6, max_len=12))(params, src)
     assert encoder_rows == [2]  # 2 sentences, not 2 x 3 beams
     ref_tokens, ref_scores = _full_forward_beam_search(params, src, beam_size=3, max_len=12)
     np.testing.assert_array_equal(tokens, ref_tokens)

@@ -32,7 +32,9 @@ def test_pretraining_loss_is_mean_mlm_plus_mean_nsp():
     outputs = {"mlm_logits_BPV": np.zeros((3, 5, vocab)),
                "nsp_logits_B2": np.tile([0.0, np.log(3.0)], (3, 1))}
     batch["nsp_labels"] = jnp.array([0, 1, 1])  # -log(1/4), -log(3/4), -log(3/4)
-    loss_sum, sums = mlm_nsp.loss_fn({}, batch, None, model=Fixed(outputs), train=False)
+    model = Fixed(outputs)
+    loss_sum, sums = jax.jit(lambda b: mlm_nsp.loss_fn({}, b, None, model=model, train=False))(
+        batch)
     nsp_mean = (np.log(4) + 2 * np.log(4 / 3)) / 3
     assert float(sums["weight_sum"]) == 12
     assert float(loss_sum) / 12 == pytest.approx(np.log(vocab) + nsp_mean, rel=1e-5)
@@ -48,8 +50,9 @@ def test_classification_confusion_and_loss():
     batch["labels"] = jnp.array([0, 1, 2, 2])
     batch["example_weights"] = jnp.array([1.0, 1.0, 1.0, 0.0])  # the last row is padding
     logits = np.array([[2.0, 0, 0], [0, 0, 2.0], [0, 0, 2.0], [2.0, 0, 0]])
-    loss_sum, sums = classify.loss_fn({}, batch, None, model=Fixed({"class_logits_BN": logits}),
-                                      train=False)
+    model = Fixed({"class_logits_BN": logits})
+    loss_sum, sums = jax.jit(lambda b: classify.loss_fn({}, b, None, model=model, train=False))(
+        batch)
     expected = np.zeros((3, 3))
     expected[0, 0] = expected[1, 2] = expected[2, 2] = 1  # true row, predicted column
     np.testing.assert_array_equal(sums["confusion_sum"], expected)
@@ -64,8 +67,9 @@ def test_regression_is_squared_error():
     config.model.num_labels = 1
     batch = classify.init_batch(config, 2)
     batch["labels"] = jnp.array([0.5, -1.0])
-    loss_sum, _ = classify.loss_fn({}, batch, None, train=False,
-                                   model=Fixed({"class_logits_BN": np.array([[1.5], [1.0]])}))
+    model = Fixed({"class_logits_BN": np.array([[1.5], [1.0]])})
+    loss_sum, _ = jax.jit(lambda b: classify.loss_fn({}, b, None, model=model, train=False))(
+        batch)
     assert float(loss_sum) == pytest.approx(1.0 + 4.0)
 
 
@@ -75,8 +79,9 @@ def test_span_loss_ignores_padding_positions():
     batch["segment_ids"] = batch["segment_ids"].at[0, 10:].set(0)  # 10 real tokens
     batch["start_positions"], batch["end_positions"] = jnp.array([3]), jnp.array([5])
     zeros = np.zeros((1, config.data.max_len))
-    loss_sum, _ = span_qa.loss_fn({}, batch, None, train=False, model=Fixed(
-        {"start_logits_BL": zeros, "end_logits_BL": zeros}))
+    model = Fixed({"start_logits_BL": zeros, "end_logits_BL": zeros})
+    loss_sum, _ = jax.jit(lambda b: span_qa.loss_fn({}, b, None, model=model, train=False))(
+        batch)
     assert float(loss_sum) == pytest.approx(np.log(10), rel=1e-5)  # uniform over real tokens
 
 
@@ -89,11 +94,12 @@ def test_overfits_a_tiny_classification_set():
     batch["inputs"] = rng.integers(7, config.model.vocab_size, (8, 8)).astype(np.int32)
     batch["labels"] = np.array([0, 1] * 4, np.int32)
     model = classify.build_model(config)
-    params = nn.meta.unbox(classify.init_params(model, config, jax.random.key(0)))
+    params = nn.meta.unbox(jax.jit(lambda k: classify.init_params(model, config, k))(
+        jax.random.key(0)))
     tx, schedule = optim.make_optimizer(config.opt, 200)
     step = jax.jit(step_lib.make_train_step(functools.partial(classify.loss_fn, model=model,
                                                           train=True), tx, schedule, 1))
-    state = step_lib.TrainState(jnp.array(0), params, tx.init(params))
+    state = step_lib.TrainState(jnp.array(0), params, jax.jit(tx.init)(params))
     for _ in range(60):
         state, sums = step(state, batch, jax.random.key(1))
     final = classify.summarize(jax.device_get(sums))

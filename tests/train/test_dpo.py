@@ -2,6 +2,7 @@
 log-probabilities; the policy equals the reference at step 0; LoRA's reference is the base with
 the adapters off; a run learns the preferences and resumes exactly; bad pairs and settings are
 one clear error."""
+import functools
 import json
 import math
 
@@ -40,10 +41,15 @@ def prepared(base, tmp_path_factory):
     return config, data, params
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(net, params, inputs, positions, segment_ids):
+    return net.apply({"params": params}, inputs, positions, segment_ids)
+
+
 def _independent_logps(net, params, rows):
     """Sum over weighted targets of log softmax(logits), in float64 numpy."""
-    logits = np.asarray(net.apply({"params": params}, rows["inputs"], rows["positions"],
-                                  rows["segment_ids"]), np.float64)[..., :net.config.vocab_size]
+    logits = np.asarray(_logits(net, params, rows["inputs"], rows["positions"],
+                                rows["segment_ids"]), np.float64)[..., :net.config.vocab_size]
     logits -= logits.max(-1, keepdims=True)
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     picked = np.take_along_axis(log_probs, rows["targets"][..., None], -1)[..., 0]
@@ -55,8 +61,11 @@ def test_loss_and_metrics_match_the_papers_formulas(prepared, loss_type):
     config, data, base_params = prepared
     model = dpo.module.Policy(dpo.module.lm.build_model(config), 0.5, loss_type, "precomputed")
     # A policy away from the reference: the base with noise on every weight.
-    keys = iter(jax.random.split(jax.random.key(3), 1000))
-    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), base_params)
+    def noisy(base_params):
+        keys = iter(jax.random.split(jax.random.key(3), 1000))
+        return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape),
+                            base_params)
+    params = jax.jit(noisy)(base_params)
     batch = {k: v[:8] for k, v in data["train_rows"].items()}
     loss, sums = jax.jit(lambda p, b: dpo.loss_fn(p, b, None, model=model, train=False))(
         params, batch)
@@ -85,7 +94,8 @@ def test_at_step_zero_the_policy_is_the_reference(prepared):
     config, data, params = prepared
     batch = {k: v[:8] for k, v in data["eval_rows"].items()}
     model = dpo.build_model(config)
-    _, sums = dpo.loss_fn(params, batch, None, model=model, train=False)
+    _, sums = jax.jit(lambda p, b: dpo.loss_fn(p, b, None, model=model, train=False))(
+        params, batch)
     means = dpo.summarize(jax.device_get(sums))
     assert means["loss"] == pytest.approx(math.log(2), abs=1e-5)
     # (accuracy is not asserted: at h = 0 it counts pairs whose h is rounding noise above 0)

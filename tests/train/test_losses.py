@@ -1,4 +1,6 @@
 """The fused output layer + cross-entropy against the unfused computation it replaces."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from train import losses
 
 
+@functools.partial(jax.jit, static_argnames=("vocab", "dim"))
 def _inputs(vocab=37, dim=8):
     k = jax.random.split(jax.random.key(3), 3)
     x_BLD = jax.random.normal(k[0], (2, 5, dim))
@@ -33,7 +36,8 @@ def test_values_and_gradients_match_the_unfused_loss(eps, chunk_length):
     """chunk_length=1 walks the 5 positions in 5 chunks; None is one chunk at this size."""
     x_BLD, embedding_VD, targets_BL, weights_BL = _inputs()
     # Make a few targets the argmax so that `correct` is not trivially all zeros.
-    targets_BL = targets_BL.at[0, :2].set(jnp.argmax(x_BLD[0, :2] @ embedding_VD.T, -1))
+    targets_BL = jax.jit(lambda x, e, t: t.at[0, :2].set(jnp.argmax(x[0, :2] @ e.T, -1)))(
+        x_BLD, embedding_VD, targets_BL)
 
     def objective(fn, **kw):
         def f(x, e):
@@ -44,7 +48,7 @@ def test_values_and_gradients_match_the_unfused_loss(eps, chunk_length):
 
     (ours, ours_correct), ours_grads = jax.jit(objective(
         losses.tied_cross_entropy, chunk_length=chunk_length))(x_BLD, embedding_VD)
-    (ref, ref_correct), ref_grads = objective(_reference)(x_BLD, embedding_VD)
+    (ref, ref_correct), ref_grads = jax.jit(objective(_reference))(x_BLD, embedding_VD)
     np.testing.assert_allclose(ours, ref, rtol=1e-5)
     np.testing.assert_array_equal(ours_correct, ref_correct)
     assert ref_correct.sum() >= 2
@@ -57,7 +61,8 @@ def test_smoothed_loss_by_hand():
     q = (0.1, 0.9): loss = -(0.1 log 1/4 + 0.9 log 3/4)."""
     x = jnp.array([[[1.0]]])
     embedding = jnp.array([[0.0], [np.log(3.0)]])
-    smoothed, nll, correct = losses.tied_cross_entropy(x, embedding, jnp.array([[1]]), 0.2)
+    smoothed, nll, correct = jax.jit(lambda x, e, t: losses.tied_cross_entropy(x, e, t, 0.2))(
+        x, embedding, jnp.array([[1]]))
     np.testing.assert_allclose(smoothed, [[-(0.1 * np.log(0.25) + 0.9 * np.log(0.75))]],
                                rtol=1e-6)
     np.testing.assert_allclose(nll, [[-np.log(0.75)]], rtol=1e-6)
@@ -67,12 +72,14 @@ def test_smoothed_loss_by_hand():
 def test_bfloat16_inputs_give_float32_losses_and_input_dtype_gradients():
     x_BLD, embedding_VD, targets_BL, _ = _inputs()
     x16 = x_BLD.astype(jnp.bfloat16)
-    smoothed, _, _ = losses.tied_cross_entropy(x16, embedding_VD, targets_BL, 0.1)
+    smoothed, _, _ = jax.jit(lambda x, e, t: losses.tied_cross_entropy(x, e, t, 0.1))(
+        x16, embedding_VD, targets_BL)
     assert smoothed.dtype == jnp.float32
-    gx, ge = jax.grad(lambda x, e: jnp.sum(losses.tied_cross_entropy(x, e, targets_BL, 0.1)[0]),
-                      argnums=(0, 1))(x16, embedding_VD)
+    gx, ge = jax.jit(jax.grad(
+        lambda x, e: jnp.sum(losses.tied_cross_entropy(x, e, targets_BL, 0.1)[0]),
+        argnums=(0, 1)))(x16, embedding_VD)
     assert gx.dtype == jnp.bfloat16 and ge.dtype == jnp.float32
-    ref = _reference(x_BLD, embedding_VD, targets_BL, 0.1)[0]
+    ref = jax.jit(lambda x, e, t: _reference(x, e, t, 0.1)[0])(x_BLD, embedding_VD, targets_BL)
     np.testing.assert_allclose(smoothed, ref, rtol=3e-2)
 
 
@@ -91,9 +98,14 @@ def test_padded_vocabulary_and_logit_bias_equal_the_unpadded_loss(eps):
     the real rows, and get zero gradient; a logit bias (Marian's final_logits_bias) gets the
     gradient of logits + bias written out."""
     x_BLD, embedding_VD, targets_BL, weights_BL = _inputs(vocab=37)
-    bias_V = jax.random.normal(jax.random.key(5), (37,))
-    padded_VD = jnp.concatenate([embedding_VD, jax.random.normal(jax.random.key(6), (27, 8))])
-    padded_bias_V = jnp.concatenate([bias_V, jnp.full((27,), 4.0)])
+
+    @jax.jit
+    def with_padding(embedding_VD):
+        bias_V = jax.random.normal(jax.random.key(5), (37,))
+        padded_VD = jnp.concatenate([embedding_VD,
+                                     jax.random.normal(jax.random.key(6), (27, 8))])
+        return bias_V, padded_VD, jnp.concatenate([bias_V, jnp.full((27,), 4.0)])
+    bias_V, padded_VD, padded_bias_V = with_padding(embedding_VD)
 
     def objective(x, e, b, padded):
         if padded:
@@ -105,9 +117,9 @@ def test_padded_vocabulary_and_logit_bias_equal_the_unpadded_loss(eps):
                    optax.softmax_cross_entropy_with_integer_labels(logits, targets_BL))
         return jnp.sum(out[0] * weights_BL) + 0.3 * jnp.sum(out[1] * weights_BL)
 
-    grad = jax.value_and_grad(objective, argnums=(0, 1, 2))
+    grad = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2)), static_argnums=3)
     ref, (gx_ref, ge_ref, gb_ref) = grad(x_BLD, embedding_VD, bias_V, False)
-    ours, (gx, ge, gb) = jax.jit(grad, static_argnums=3)(x_BLD, padded_VD, padded_bias_V, True)
+    ours, (gx, ge, gb) = grad(x_BLD, padded_VD, padded_bias_V, True)
     np.testing.assert_allclose(ours, ref, rtol=1e-5)
     np.testing.assert_allclose(gx, gx_ref, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(ge[:37], ge_ref, rtol=1e-4, atol=1e-6)

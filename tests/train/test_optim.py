@@ -1,5 +1,6 @@
 """Optimizer and schedules against their textbook formulas."""
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -21,13 +22,17 @@ def test_adamw_with_clipping_matches_the_textbook_update():
     params = {"kernel": jnp.array([[1.0, -2.0]]), "bias": jnp.array([0.5])}
     grads = [{"kernel": jnp.array([[3.0, -1.0]]), "bias": jnp.array([2.0])},  # norm 3.7: clipped
              {"kernel": jnp.array([[-0.2, 0.4]]), "bias": jnp.array([0.1])}]
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)
+
+    @jax.jit
+    def apply_update(g, state, params):
+        updates, state = tx.update(g, state, params)
+        return optax.apply_updates(params, updates), state
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v = {k: np.zeros_like(x) for k, x in p.items()}
     for t, g in enumerate(grads, 1):
-        updates, state = tx.update(g, state, params)
-        params = optax.apply_updates(params, updates)
+        params, state = apply_update(g, state, params)
         norm = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in g.values()))
         g = {k: np.asarray(x) * min(1.0, 0.5 / norm) for k, x in g.items()}  # global-norm clip
         for k in p:
@@ -41,15 +46,16 @@ def test_adamw_with_clipping_matches_the_textbook_update():
 
 
 def test_noam_schedule_is_the_paper_formula():
-    sched = optim.noam_schedule(512, 4000)
+    sched = jax.jit(optim.noam_schedule(512, 4000))
     for step in (1, 100, 4000, 20000):
         expected = 512 ** -0.5 * min(step ** -0.5, step * 4000 ** -1.5)
         assert float(sched(step - 1)) == pytest.approx(expected, rel=1e-6)
 
 
 def test_warmup_cosine_and_linear_shapes():
-    cos = optim.make_schedule(_opt(schedule="cosine", warmup_steps=10, end_lr_fraction=0.1), 110)
-    lin = optim.make_schedule(_opt(schedule="linear", warmup_steps=10), 110)
+    cos = jax.jit(optim.make_schedule(_opt(schedule="cosine", warmup_steps=10,
+                                          end_lr_fraction=0.1), 110))
+    lin = jax.jit(optim.make_schedule(_opt(schedule="linear", warmup_steps=10), 110))
     assert float(cos(5)) == pytest.approx(0.05) and float(cos(10)) == pytest.approx(0.1)
     assert float(cos(60)) == pytest.approx(0.01 + 0.09 * 0.5, rel=1e-4)
     assert float(cos(110)) == pytest.approx(0.01, rel=1e-4)
