@@ -12,8 +12,10 @@ import sys
 # the programs are small and run for seconds, so compiling them costs more than running them
 # (measured: tests/test_cli.py 16% less CPU time, cold). It changes code generation, not what
 # a program computes.
-_USER_FLAGS = f'{os.environ.get("XLA_FLAGS", "")} --xla_backend_optimization_level=0'.strip()
-os.environ["XLA_FLAGS"] = f"{_USER_FLAGS} --xla_force_host_platform_device_count=8"
+# A test that sets another device count for its subprocess keeps these flags (test_cli.run),
+# so a run it compares exactly with an in-process one compiles the same way.
+XLA_TEST_FLAGS = f'{os.environ.get("XLA_FLAGS", "")} --xla_backend_optimization_level=0'.strip()
+os.environ["XLA_FLAGS"] = f"{XLA_TEST_FLAGS} --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -35,7 +37,7 @@ import pytest  # noqa: E402
 # environment that subprocesses inherit the 2-device flags. (A subprocess that imports this file,
 # for a reward function of a test module, has started its own backend already: no change.)
 jax.devices()
-os.environ["XLA_FLAGS"] = f"{_USER_FLAGS} --xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = f"{XLA_TEST_FLAGS} --xla_force_host_platform_device_count=2"
 
 WORDS = ("the king went to the city and the people said that the river was dark "
          "light came over the land and water ran by the stone of the old gate").split()

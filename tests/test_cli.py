@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import smoke_config, tree_digest
+from tests.conftest import XLA_TEST_FLAGS, smoke_config, tree_digest
 from train import errors, runs, tasks
 
 lm = tasks.get("lm")
@@ -27,7 +27,7 @@ def run(module, *args, check=True, devices=None):
     (TESTS_FORK=0: a fresh interpreter each time, as before)."""
     env = dict(os.environ)
     if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = f"{XLA_TEST_FLAGS} --xla_force_host_platform_device_count={devices}"
     server = _fork_server()
     if server is not None and _jax_settings(env) == server.jax_settings:
         proc = server.run(module, args, env)

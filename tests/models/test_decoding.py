@@ -11,7 +11,8 @@ LOGITS = jnp.log(jnp.asarray(PROBS))[None]
 
 
 def _kept_distribution(**kw):
-    return np.asarray(jax.nn.softmax(decoding.filter_logits(LOGITS, **kw)))[0]
+    return np.asarray(jax.jit(lambda l: jax.nn.softmax(decoding.filter_logits(l, **kw)))(
+        LOGITS))[0]
 
 
 def test_top_k_keeps_exactly_k_tokens_renormalised():
@@ -29,7 +30,8 @@ def test_top_p_keeps_smallest_set_reaching_the_mass(top_p, kept):
 
 def test_top_p_works_on_unsorted_rows():
     perm = np.array([3, 0, 5, 1, 4, 2])
-    got = np.asarray(jax.nn.softmax(decoding.filter_logits(LOGITS[:, perm], top_p=0.66)))[0]
+    got = np.asarray(jax.jit(lambda l: jax.nn.softmax(decoding.filter_logits(
+        l[:, perm], top_p=0.66)))(LOGITS))[0]
     expected = np.where(np.isin(perm, [0, 1, 2]), PROBS[perm], 0) / PROBS[:3].sum()
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
@@ -48,8 +50,9 @@ def test_temperature_zero_is_argmax_and_uses_the_cache():
 
 
 def test_tokens_after_eos_are_eos():
-    out = decoding.sample(_fake_logits_fn, jnp.int32(0), jnp.array([[1]]), jax.random.key(0),
-                          max_new_tokens=6, temperature=0.0, eos_id=4)
+    out = jax.jit(lambda p, r: decoding.sample(_fake_logits_fn, jnp.int32(0), p, r,
+                                               max_new_tokens=6, temperature=0.0, eos_id=4))(
+        jnp.array([[1]]), jax.random.key(0))
     np.testing.assert_array_equal(out, [[2, 3, 4, 4, 4, 4]])
 
 
@@ -60,21 +63,24 @@ def test_prefill_fn_makes_only_the_prompt_call():
     def logits_fn(tokens, cache):  # the step after the prompt sees the prefill's cache
         return 10.0 * jax.nn.one_hot((tokens + 1 + (cache == 100)) % 6, 6), cache + 1
 
-    out = decoding.sample(logits_fn, jnp.int32(0), jnp.array([[0, 1]]), jax.random.key(0),
-                          max_new_tokens=4, temperature=0.0, prefill_fn=prefill_fn)
+    out = jax.jit(lambda p, r: decoding.sample(logits_fn, jnp.int32(0), p, r,
+                                               max_new_tokens=4, temperature=0.0,
+                                               prefill_fn=prefill_fn))(
+        jnp.array([[0, 1]]), jax.random.key(0))
     np.testing.assert_array_equal(out, [[4, 0, 1, 2]])
 
 
 def test_sampling_frequencies_follow_the_filtered_distribution():
     rngs = jax.random.split(jax.random.key(0), 20000)
-    draws = jax.vmap(lambda r: decoding.next_token(LOGITS, r, temperature=1.0, top_k=3))(rngs)
+    draws = jax.jit(jax.vmap(lambda r: decoding.next_token(LOGITS, r, temperature=1.0,
+                                                           top_k=3)))(rngs)
     freq = np.bincount(np.asarray(draws).ravel(), minlength=6) / 20000
     np.testing.assert_allclose(freq, np.r_[PROBS[:3] / PROBS[:3].sum(), 0, 0, 0], atol=0.015)
 
 
 def test_temperature_sharpens():
     rngs = jax.random.split(jax.random.key(1), 20000)
-    draws = jax.vmap(lambda r: decoding.next_token(LOGITS, r, temperature=0.5))(rngs)
+    draws = jax.jit(jax.vmap(lambda r: decoding.next_token(LOGITS, r, temperature=0.5)))(rngs)
     freq = np.bincount(np.asarray(draws).ravel(), minlength=6) / 20000
     expected = PROBS ** 2 / (PROBS ** 2).sum()  # p^(1/T), T = 0.5
     np.testing.assert_allclose(freq, expected, atol=0.015)

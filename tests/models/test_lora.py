@@ -24,13 +24,14 @@ BERT_BASE = bert.BertConfig(vocab_size=32, max_len=16, num_layers=2, d_model=16,
 def _gpt(cfg):
     """(boxed params, jitted params -> logits) for a GPT config."""
     model = gpt.GPT(cfg)
-    params = model.init(jax.random.key(0), TOKENS)["params"]
+    params = jax.jit(lambda r: model.init(r, TOKENS)["params"])(jax.random.key(0))
     return params, jax.jit(lambda p: model.apply({"params": p}, TOKENS))
 
 
 def _bert(cfg):
     model = bert.Bert(cfg)
-    params = model.init(jax.random.key(0), TOKENS, mlm_positions_BP=MLM_POSITIONS)["params"]
+    params = jax.jit(lambda r: model.init(r, TOKENS, mlm_positions_BP=MLM_POSITIONS)["params"])(
+        jax.random.key(0))
     return params, jax.jit(lambda p: model.apply({"params": p}, TOKENS,
                                                  mlm_positions_BP=MLM_POSITIONS))
 
@@ -42,6 +43,7 @@ def _paths(tree):
     return {"/".join(k.key for k in path) for path, _ in leaves}
 
 
+@jax.jit
 def _randomize_b(params, key):
     """The adapters with lora_b drawn at random, so the update is no longer zero."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(params))
@@ -84,7 +86,7 @@ def test_adapted_model_starts_as_the_base_model(models):
 def test_merged_adapters_reproduce_the_adapted_model(models):
     base_params, base_fn, params, fn = models
     params = _randomize_b(params, jax.random.key(2))
-    merged = lora.merge(params, ALPHA, RANK)
+    merged = jax.jit(lambda p: lora.merge(p, ALPHA, RANK))(params)
     assert jax.tree.structure(merged) == jax.tree.structure(nn.meta.unbox(base_params))
     adapted, served = fn(params), base_fn(merged)
     for x, y, z in zip(jax.tree.leaves(adapted), jax.tree.leaves(served),
@@ -95,7 +97,7 @@ def test_merged_adapters_reproduce_the_adapted_model(models):
 
 def test_merge_keeps_boxing_and_checks_the_rank(models):
     base_params, _, params, _ = models
-    merged = lora.merge(params, ALPHA, RANK)
+    merged = jax.jit(lambda p: lora.merge(p, ALPHA, RANK))(params)
     assert nn.get_partition_spec(merged) == nn.get_partition_spec(base_params)
     with pytest.raises(ValueError, match="rank 4"):
         lora.merge(params, ALPHA, RANK + 1)
@@ -184,8 +186,8 @@ def test_feed_forward_keeps_dense_params_and_numerics():
             return dense(16, (layers.MLP, layers.EMBED), "wo")(h_BLF)
 
     x_BLD = jax.random.normal(jax.random.key(3), (2, 8, 16))
-    dense = DenseFeedForward().init(jax.random.key(0), x_BLD)
-    ours = layers.FeedForward(32).init(jax.random.key(0), x_BLD)
+    dense = jax.jit(DenseFeedForward().init)(jax.random.key(0), x_BLD)
+    ours = jax.jit(layers.FeedForward(32).init)(jax.random.key(0), x_BLD)
     _assert_trees_equal(ours, dense)  # the treedefs hold the boxes' axis names
-    np.testing.assert_array_equal(layers.FeedForward(32).apply(ours, x_BLD),
-                                  DenseFeedForward().apply(dense, x_BLD))
+    np.testing.assert_array_equal(jax.jit(layers.FeedForward(32).apply)(ours, x_BLD),
+                                  jax.jit(DenseFeedForward().apply)(dense, x_BLD))

@@ -21,8 +21,8 @@ PROMPTS = [list(np.random.default_rng(0).integers(1, 61, n)) for n in (3, 7, 5)]
 def setup(request):
     """(full-sequence forward, decode model, params, jitted greedy generate) per layer layout."""
     config = dataclasses.replace(TINY, scan_layers=request.param)
-    params = nn.meta.unbox(gpt.GPT(config).init(jax.random.key(0),
-                                                jnp.zeros((1, 8), jnp.int32))["params"])
+    params = jax.jit(lambda r: nn.meta.unbox(gpt.GPT(config).init(
+        r, jnp.zeros((1, 8), jnp.int32))["params"]))(jax.random.key(0))
     forward = jax.jit(lambda p, t: gpt.GPT(config).apply({"params": p}, t))
     decoder = gpt.GPT(dataclasses.replace(config, decode=True))
     greedy = jax.jit(functools.partial(gpt.generate, decoder, max_new_tokens=NEW,
@@ -62,7 +62,7 @@ def test_padded_cached_logits_equal_the_unpadded_full_forward(setup, alone):
 
     step = jax.jit(lambda c, t, s=None: decoder.apply({"params": params, "cache": c}, t,
                                                       segment_ids_BL=s, mutable=["cache"]))
-    cache = gpt.init_cache(decoder, len(PROMPTS), WIDTH + NEW)
+    cache = jax.jit(lambda: gpt.init_cache(decoder, len(PROMPTS), WIDTH + NEW))()
     logits, variables = step(cache, tokens, valid)
     pieces = [np.asarray(logits)]
     for t in range(NEW):

@@ -73,25 +73,26 @@ def _records(workdir, split):
 def test_kl_estimators_against_the_exact_kl():
     """Over tokens drawn from pi, k1 and k3 average to KL(pi || ref) exactly, k2 to a value
     close to it for close distributions; k2 and k3 are never negative, k1 can be."""
+    kl_terms = jax.jit(advantages.kl_terms, static_argnums=2)
     rng = np.random.default_rng(0)
     for scale in (0.1, 1.0):
         logp = jax.nn.log_softmax(jnp.asarray(rng.normal(size=7)))
         ref = jax.nn.log_softmax(logp + scale * jnp.asarray(rng.normal(size=7)))
         p = np.exp(np.asarray(logp, np.float64))
         exact = float(np.sum(p * (np.asarray(logp, np.float64) - np.asarray(ref, np.float64))))
-        expect = {k: float(np.sum(p * np.asarray(advantages.kl_terms(logp, ref, k), np.float64)))
+        expect = {k: float(np.sum(p * np.asarray(kl_terms(logp, ref, k), np.float64)))
                   for k in settings.ESTIMATORS}
         assert expect["k1"] == pytest.approx(exact, rel=1e-5, abs=1e-7)
         assert expect["k3"] == pytest.approx(exact, rel=1e-5, abs=1e-7)
         for k in ("k2", "k3"):
-            assert float(jnp.min(advantages.kl_terms(logp, ref, k))) >= 0.0
-        assert float(jnp.min(advantages.kl_terms(logp, ref, "k1"))) < 0.0
+            assert float(jnp.min(kl_terms(logp, ref, k))) >= 0.0
+        assert float(jnp.min(kl_terms(logp, ref, "k1"))) < 0.0
     # k2 is the second-order expansion: within 20% of the exact KL for close distributions.
     logp = jax.nn.log_softmax(jnp.asarray(rng.normal(size=7)))
     ref = jax.nn.log_softmax(logp + 0.05 * jnp.asarray(rng.normal(size=7)))
     p = np.exp(np.asarray(logp))
     exact = float(np.sum(p * (logp - ref)))
-    assert float(np.sum(p * advantages.kl_terms(logp, ref, "k2"))) == pytest.approx(exact, rel=0.2)
+    assert float(np.sum(p * kl_terms(logp, ref, "k2"))) == pytest.approx(exact, rel=0.2)
 
 
 def test_gae_and_group_advantages_by_hand():
@@ -100,8 +101,8 @@ def test_gae_and_group_advantages_by_hand():
     lengths = [5, 3, 1]
     mask = np.asarray([[1.0] * n + [0.0] * (5 - n) for n in lengths])
     gamma, lam = 0.9, 0.8
-    adv, ret = advantages.gae(jnp.asarray(rewards * mask), jnp.asarray(values), jnp.asarray(mask),
-                     gamma, lam)
+    adv, ret = jax.jit(advantages.gae, static_argnums=(3, 4))(
+        jnp.asarray(rewards * mask), jnp.asarray(values), jnp.asarray(mask), gamma, lam)
     for b, n in enumerate(lengths):
         running = 0.0
         for t in reversed(range(n)):
@@ -112,16 +113,18 @@ def test_gae_and_group_advantages_by_hand():
             assert float(ret[b, t]) == pytest.approx(running + values[b, t], abs=1e-5)
         assert np.all(np.asarray(adv[b, n:]) == 0)
     scores = np.asarray([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])
-    got = np.asarray(advantages.group_advantages(jnp.asarray(scores), 4))
+    got = np.asarray(jax.jit(advantages.group_advantages, static_argnums=1)(
+        jnp.asarray(scores), 4))
     for g in range(2):
         part = scores[4 * g:4 * g + 4]
         np.testing.assert_allclose(got[4 * g:4 * g + 4],
                                    (part - part.mean()) / (part.std() + 1e-4), rtol=1e-5)
-    whitened = np.asarray(advantages.whiten(jnp.asarray(rewards), jnp.asarray(mask)))
+    whitened = np.asarray(jax.jit(advantages.whiten)(jnp.asarray(rewards), jnp.asarray(mask)))
     real = whitened[mask > 0]
     assert real.mean() == pytest.approx(0.0, abs=1e-5) and real.std() == pytest.approx(1.0, 1e-3)
     np.testing.assert_array_equal(
-        np.asarray(advantages.response_mask(jnp.asarray([[4, 9, 1, 9], [4, 4, 4, 4]]), 9)),
+        np.asarray(jax.jit(advantages.response_mask, static_argnums=1)(
+            jnp.asarray([[4, 9, 1, 9], [4, 4, 4, 4]]), 9)),
         [[1, 1, 0, 0], [1, 1, 1, 1]])
 
 
@@ -143,9 +146,11 @@ def test_sampler_and_trainer_log_probs_agree_padded_or_alone(rl_base, tmp_path):
     out = jax.device_get(sample(params, rows["prompt"], rows["prompt_valid"], rows["index"],
                                  jax.random.key(3)))
     net = ppo.build_model(config)
-    logp, entropy, _ = advantages.token_outputs(net, params, out, 0.7)
-    mask = np.asarray(advantages.response_mask(jnp.asarray(out["tokens"]),
-                                               data["chat_ids"]["end"]))
+    token_outputs = jax.jit(lambda p, prompt, prompt_valid, tokens: advantages.token_outputs(
+        net, p, {"prompt": prompt, "prompt_valid": prompt_valid, "tokens": tokens}, 0.7))
+    logp, entropy, _ = token_outputs(params, out["prompt"], out["prompt_valid"], out["tokens"])
+    mask = np.asarray(jax.jit(advantages.response_mask, static_argnums=1)(
+        jnp.asarray(out["tokens"]), data["chat_ids"]["end"]))
     error = np.abs(np.asarray(logp) - out["old_logp"]) * mask
     assert error.max() < 1e-5
     assert np.all(np.asarray(entropy) > 0)
@@ -153,7 +158,8 @@ def test_sampler_and_trainer_log_probs_agree_padded_or_alone(rl_base, tmp_path):
     alone = {"prompt": out["prompt"][b:b + 1, -lengths[b]:],
              "prompt_valid": out["prompt_valid"][b:b + 1, -lengths[b]:],
              "tokens": out["tokens"][b:b + 1]}
-    alone_logp, _, _ = advantages.token_outputs(net, params, alone, 0.7)
+    alone_logp, _, _ = token_outputs(params, alone["prompt"], alone["prompt_valid"],
+                                     alone["tokens"])
     np.testing.assert_allclose(np.asarray(alone_logp)[0], np.asarray(logp)[b], atol=1e-5)
 
 
@@ -173,7 +179,7 @@ def test_the_update_alone_moves_the_policy_and_reverts_a_non_finite_step(rl_base
     params = dict(reference, **{settings.VALUE_HEAD: {"kernel": jnp.zeros((d, 1)),
                                                       "bias": jnp.zeros((1,))}})
     tx, schedule = update.make_optimizer(config)
-    state = step_lib.TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params), None,
+    state = step_lib.TrainState(jnp.asarray(0, jnp.int32), params, jax.jit(tx.init)(params), None,
                                 ppo.init_extra(config))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     sample = rollout.make_rollout_fn(config, end_id, NamedSharding(mesh, PartitionSpec()))
@@ -388,8 +394,9 @@ def test_a_reward_model_run_scores_rollouts_as_it_scores_its_pairs(pair_base, rl
     rc_loaded, _, params, _ = runs.load_run(str(rm))
     rows = reward_task.prepare_data(rc_loaded, str(rm))["eval_rows"]
     side = {k[len("chosen_"):]: v[:6] for k, v in rows.items() if k.startswith("chosen_")}
-    expected = np.asarray(reward_task.module.scores(reward_task.build_model(rc_loaded), params,
-                                                    side))
+    reward_net = reward_task.build_model(rc_loaded)
+    expected = np.asarray(jax.jit(lambda p, s: reward_task.module.scores(reward_net, p, s))(
+        params, side))
     prompts, responses = [], []
     for inputs, targets, weights in zip(side["inputs"], side["targets"], side["weights"]):
         first, last = np.flatnonzero(weights)[[0, -1]]

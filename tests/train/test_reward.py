@@ -32,14 +32,15 @@ def test_bradley_terry_loss_against_independent_scores(pair_base, tmp_path):
     head = np.random.default_rng(0).normal(size=(config.model.d_model, 1)).astype(np.float32)
     params[reward.module.HEAD] = {"kernel": jnp.asarray(head), "bias": jnp.asarray([0.3])}
     batch = {k: v[:8] for k, v in data["train_rows"].items()}
-    loss, sums = jax.jit(lambda p, b: reward.loss_fn(p, b, None, model=model, train=False))(
-        params, batch)
+    loss_fn = jax.jit(lambda p, b: reward.loss_fn(p, b, None, model=model, train=False))
+    loss, sums = loss_fn(params, batch)
+    hidden = jax.jit(lambda p, inputs, positions, segment_ids: model.apply(
+        {"params": p}, inputs, positions, segment_ids, hidden_only=True))
 
     def independent(side):  # the hidden state at the last weighted target, by a Python loop
         base = {k: v for k, v in params.items() if k != reward.module.HEAD}
-        x = np.asarray(model.apply({"params": base}, batch[f"{side}_inputs"],
-                                   batch[f"{side}_positions"], batch[f"{side}_segment_ids"],
-                                   hidden_only=True), np.float64)
+        x = np.asarray(hidden(base, batch[f"{side}_inputs"], batch[f"{side}_positions"],
+                              batch[f"{side}_segment_ids"]), np.float64)
         last = [max(i for i, w in enumerate(row) if w > 0) for row in batch[f"{side}_weights"]]
         return np.asarray([x[b, i] @ head[:, 0] + 0.3 for b, i in enumerate(last)])
 
@@ -52,8 +53,9 @@ def test_bradley_terry_loss_against_independent_scores(pair_base, tmp_path):
     np.testing.assert_allclose(means["margin"], margin.mean(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(means["reward_chosen"], chosen.mean(), rtol=1e-4, atol=1e-5)
     # The zero head of a fresh run scores every response 0: the loss is log 2.
-    params[reward.module.HEAD] = jax.tree.map(jnp.zeros_like, params[reward.module.HEAD])
-    loss0, sums0 = reward.loss_fn(params, batch, None, model=model, train=False)
+    params[reward.module.HEAD] = jax.jit(lambda h: jax.tree.map(jnp.zeros_like, h))(
+        params[reward.module.HEAD])
+    loss0, sums0 = loss_fn(params, batch)
     assert float(loss0) / float(sums0["weight_sum"]) == pytest.approx(math.log(2), abs=1e-6)
 
 

@@ -36,10 +36,15 @@ def setup():
 
 
 def _per_position_nll(model, params, rows):
-    hidden = model.apply({"params": params}, rows["inputs"], rows["positions"],
-                         rows["segment_ids"], hidden_only=True)
-    _, nll, _ = losses.tied_cross_entropy(hidden, params["wte"]["embedding"], rows["targets"],
-                                          vocab_size=model.config.vocab_size)
+    @jax.jit
+    def nll_fn(params, inputs, positions, segment_ids, targets):
+        hidden = model.apply({"params": params}, inputs, positions, segment_ids,
+                             hidden_only=True)
+        return losses.tied_cross_entropy(hidden, params["wte"]["embedding"], targets,
+                                         vocab_size=model.config.vocab_size)[1]
+
+    nll = nll_fn(params, rows["inputs"], rows["positions"], rows["segment_ids"],
+                 rows["targets"])
     return np.asarray(nll) * rows["weights"]
 
 
@@ -96,7 +101,8 @@ def test_a_lora_step_moves_only_the_adapters_and_the_optimizer_holds_only_them()
     with jax.set_mesh(s.mesh):
         state = s.init_fn(jax.random.key(0))
         # Non-zero B, so A gets gradients too.
-        state = state.replace(params=jax.tree.map(lambda x: x + 0.01, state.params))
+        state = state.replace(params=jax.jit(lambda p: jax.tree.map(lambda x: x + 0.01, p))(
+            state.params))
         # Copies: the step donates (reuses) the state's buffers.
         frozen_before = jax.tree.map(np.array, jax.device_get(state.frozen))
         params_before = jax.tree.map(np.array, jax.device_get(state.params))
@@ -115,11 +121,14 @@ def test_lora_step_gradient_equals_the_full_models_gradient_on_the_adapters():
     config = smoke_config("unused", **{"model.lora_rank": 4})
     task = tasks.get("lm")
     model = task.build_model(config)
-    params = jax.tree.map(lambda x: x + 0.01, nn.meta.unbox(
-        task.init_params(model, config, jax.random.key(0))))
+    params = jax.jit(lambda r: jax.tree.map(lambda x: x + 0.01, nn.meta.unbox(
+        task.init_params(model, config, r))))(jax.random.key(0))
     batch = jax.tree.map(jnp.asarray, task.bench_batch(config))
     trainable, frozen = lora.split(params)
-    loss = lambda p: task.loss_fn(p, batch, None, model=model, train=False)[0]  # noqa: E731
+    # The loss is one jitted program, differentiated from outside: both gradients run the same
+    # compiled forward and backward (jitting each whole grad lets XLA fuse the two differently,
+    # which moves their rounding apart by ~5e-7).
+    loss = jax.jit(lambda p: task.loss_fn(p, batch, None, model=model, train=False)[0])
     full = jax.grad(loss)(params)
     split = jax.grad(lambda t: loss(step_lib.full_params(t, frozen)))(trainable)
     full_adapters, _ = lora.split(full)
