@@ -176,6 +176,21 @@ def read_documents(pattern: str, text_field: str = "text") -> list[str]:
     return docs
 
 
+def write_atomic(path: str, data: bytes) -> None:
+    """Writes data to path through a temporary file next to it, so a crash never leaves a
+    half-written file."""
+    target = pathlib.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def default_cache_dir() -> pathlib.Path:
     """$XDG_CACHE_HOME/jax_transformers, else ~/.cache/jax_transformers."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -10,15 +10,12 @@ best_exact / best_f1 (the threshold tuned on the dev set itself).
 
 import collections
 import json
-import os
-import pathlib
 import re
 import string
-import tempfile
 
 import numpy as np
 
-from data import squad
+from data import sources, squad
 from data.errors import DataError
 
 _PUNCTUATION = frozenset(string.punctuation)  # ASCII only, as in the official script
@@ -190,14 +187,4 @@ def official_v2_scores(examples, predictions, score_diffs, threshold: float) -> 
 
 def write_predictions(path: str, predictions: dict[str, str]) -> None:
     """Writes {qid: answer} in the official format, atomically."""
-    target = pathlib.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Written next to the target and renamed, so a crash never leaves a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(predictions, f, ensure_ascii=False, indent=1)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    sources.write_atomic(path, json.dumps(predictions, ensure_ascii=False, indent=1).encode())

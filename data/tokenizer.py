@@ -14,13 +14,13 @@ import io
 import os
 import pathlib
 import random
-import tempfile
 import time
 from typing import Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
 
+from data import sources
 from data.errors import DataError
 
 PAD_ID = 0
@@ -187,7 +187,7 @@ class Tokenizer(BaseTokenizer):
 
     def save(self, directory: str) -> None:
         """Writes directory/tokenizer.model (atomically)."""
-        _write_atomic(os.path.join(directory, MODEL_FILE), self._proto)
+        sources.write_atomic(os.path.join(directory, MODEL_FILE), self._proto)
 
     @property
     def model_proto(self) -> bytes:
@@ -212,7 +212,7 @@ class Tokenizer(BaseTokenizer):
                 model.pieces.add(piece=token, score=0.0, type=control)
         proto = model.SerializeToString()
         path = os.path.join(directory, MODEL_FILE)
-        _write_atomic(path, proto)
+        sources.write_atomic(path, proto)
         return Tokenizer(path, proto)
 
 
@@ -297,28 +297,13 @@ def train_tokenizer(
             f"{e}; byte fallback alone needs 256 + 7 special ids + the corpus's characters, so "
             "raise --config.data.vocab_size"
         ) from e
-    _write_atomic(path, model.getvalue())
+    sources.write_atomic(path, model.getvalue())
     if total > len(sentences) or total > 100_000:  # a sample, or minutes of training: say so
         sample = (f"{len(sentences):,} of {total:,} lines (seed {seed})"
                   if total > len(sentences) else f"{total:,} lines")
         print(f"tokenizer: trained {model_type} on {sample} in "
               f"{time.perf_counter() - start:.1f} s", flush=True)
     return Tokenizer(str(path), model.getvalue())
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    """Writes data to path through a temporary file next to it, so a crash never leaves a
-    half-written file."""
-    target = pathlib.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def load_tokenizer(path: str) -> Tokenizer:

@@ -26,6 +26,7 @@ def _child(request):
     """Becomes the requested `python -m` run; never returns to the server loop."""
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
+    os.close(null)
     sys.stdin = open(os.devnull, encoding="utf-8")  # not the server's buffered requests
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
         out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -35,11 +36,7 @@ def _child(request):
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
     sys.argv = [request["module"], *request["args"]]
-    try:
-        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
     sys.exit(0)  # the interpreter's own shutdown: atexit hooks, thread joins, exit status
 
 

@@ -6,7 +6,6 @@ steps (and over hosts) are exact rather than means of means.
 import json
 import os
 import platform
-import tempfile
 import time
 
 import jax
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from data import sources
 from train import events
 
 # Dense bf16 peak FLOP/s per chip from the vendors' data sheets, keyed by jax device_kind.
@@ -90,12 +90,8 @@ def cpu_peak_flops(cache_dir: str | None = None) -> tuple[float, str]:
     if isinstance(known, (int, float)) and known > 0:
         return float(known), f"fp32 matmul measured once on this CPU, {path}"
     peak = measure_matmul_flops()
-    try:  # a new file moved into place: processes starting together never read half of one
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({**table, key: peak}, f, indent=1)
-        os.replace(tmp, path)
+    try:  # moved into place whole: processes starting together never read half a file
+        sources.write_atomic(path, json.dumps({**table, key: peak}, indent=1).encode())
     except OSError:
         pass  # a read-only cache: measured again next time
     return peak, "measured fp32 matmul"
