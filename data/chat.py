@@ -217,9 +217,10 @@ def new_token_inits(tokenizer) -> dict[int, list[int]]:
 # ---- rendering --------------------------------------------------------------------------------
 
 def _render_turns(turns, tokenizer, ids, where: str = "") -> tuple[list[int], list[int]]:
-    """[BOS] then role token, content, <|end|> per turn; mask 1 on assistant content + <|end|>."""
-    (bos,) = tok.required_ids(tokenizer, "bos", purpose="chat fine-tuning")
-    tokens, mask = [bos], [0]
+    """[BOS] then role token, content, <|end|> per turn; mask 1 on assistant content + <|end|>.
+    A vocabulary without BOS (Qwen's) starts at the first role token."""
+    bos = getattr(tokenizer, "bos_id", None)
+    tokens, mask = ([], []) if bos is None else ([bos], [0])
     for role, content in turns:
         if role not in ROLES:
             raise DataError(f"{where or 'a conversation'}: role {role!r} is not one of "

@@ -21,13 +21,15 @@ from data.errors import DataError
 
 
 def tokenize_documents(docs, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, doc_ids): every document as [BOS] ids [EOS], concatenated; both int32."""
+    """(tokens, doc_ids): every document as [BOS] ids [EOS], concatenated; both int32. A
+    vocabulary without BOS (Qwen's) gives ids [EOS]: its documents end with the one token."""
     # GPT-2's vocabulary has one <|endoftext|> for both, so documents are separated by two.
-    bos, eos = tok.required_ids(tokenizer, "bos", "eos", purpose="language modelling")
+    (eos,) = tok.required_ids(tokenizer, "eos", purpose="language modelling")
+    bos = [] if getattr(tokenizer, "bos_id", None) is None else [tokenizer.bos_id]
     tokens, doc_ids = [], []
     progress = tqdm.tqdm(docs, desc="tokenizing", unit="doc", disable=not sys.stderr.isatty())
     for i, doc in enumerate(progress):
-        ids = [bos, *tokenizer.encode(doc), eos]
+        ids = [*bos, *tokenizer.encode(doc), eos]
         tokens.append(np.asarray(ids, np.int32))
         doc_ids.append(np.full(len(ids), i, np.int32))
     if not tokens:

@@ -27,7 +27,9 @@ def export_hf(tokenizer, directory: str, model_family: str) -> None:
     the files it was read from, our SentencePiece model rebuilt (data/hf_export.py)."""
     if isinstance(tokenizer, tok.Tokenizer):
         special = {name: getattr(tokenizer, f"{name}_id") for name in tok.SPECIAL_NAMES}
-        hf_export.export_sentencepiece(tokenizer.model_proto, special, directory, model_family)
+        # A Llama-family decoder reads its prompts as GPT does (bos, then the text).
+        family = "gpt" if model_family == "llama" else model_family
+        hf_export.export_sentencepiece(tokenizer.model_proto, special, directory, family)
     elif hasattr(tokenizer, "export_hf"):
         tokenizer.export_hf(directory, model_family)
     else:

@@ -75,7 +75,8 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only opens
     try:
-        config, tokenizer, params, _ = runs.load_run(FLAGS.workdir, families=("gpt",))
+        config, tokenizer, params, _ = runs.load_run(FLAGS.workdir,
+                                                     families=tuple(lm.DECODERS))
         # The tasks that train in the chat format.
         if config.task not in ("sft", "dpo", "ppo", "grpo"):
             raise DataError(f"{FLAGS.workdir} is a {config.task} run without the chat format; "

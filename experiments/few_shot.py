@@ -17,7 +17,7 @@ from absl import flags, logging
 from data import chat, sources
 from data.errors import DataError
 from train import cli, errors, runs
-from train.tasks import sft
+from train.tasks import lm, sft
 
 flags.DEFINE_string("workdir", None, "A pretrained GPT run folder.", required=True)
 flags.DEFINE_string("source", "bible", "Training conversations the shots come from: 'bible' "
@@ -53,8 +53,8 @@ def prompts(train, dev, tokenizer, shots: int, room: int, seed: int = 0) -> list
     for conv in dev:
         examples = [as_text(c, True) for c in rng.sample(train, shots)]
         while True:
-            ids = [tokenizer.bos_id] + tokenizer.encode(" ".join(examples + [as_text(conv,
-                                                                                     False)]))
+            bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # Qwen has none
+            ids = bos + tokenizer.encode(" ".join(examples + [as_text(conv, False)]))
             if len(ids) <= room or not examples:
                 break
             examples.pop(0)
@@ -66,7 +66,8 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)
     try:
-        config, tokenizer, params, _ = runs.load_run(FLAGS.workdir, families=("gpt",))
+        config, tokenizer, params, _ = runs.load_run(FLAGS.workdir,
+                                                     families=tuple(lm.DECODERS))
         if FLAGS.source == "bible":
             train, dev = chat.bible_qa(sources.bible_db("bible", None))
         elif not FLAGS.eval_source:

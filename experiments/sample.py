@@ -30,13 +30,18 @@ cli.at_least("show_probs", 0, " (0 = off)")
 
 
 def encode_prompt(prompt: str, tokenizer, max_len: int) -> list[int]:
-    """[BOS] + prompt ids; a prompt filling the whole context is an error."""
+    """[BOS] + prompt ids (no BOS for a tokenizer without one, as Qwen's); a prompt filling
+    the whole context, or an empty one with nothing to continue from, is an error."""
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:
         raise DataError(f"--prompt holds bytes that are not valid UTF-8 (at character "
                         f"{e.start}); pass the prompt as UTF-8 text") from None
-    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    bos = [] if getattr(tokenizer, "bos_id", None) is None else [tokenizer.bos_id]
+    ids = bos + tokenizer.encode(prompt)
+    if not ids:
+        raise DataError("the prompt is empty and this tokenizer has no BOS token to start "
+                        "from; pass --prompt=TEXT")
     if len(ids) >= max_len:
         raise DataError(f"the prompt is {len(ids)} tokens (with BOS) but the model's context is "
                         f"{max_len}; shorten the prompt to leave room for new tokens")
@@ -66,7 +71,8 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only opens
     try:
-        config, tokenizer, params, _ = runs.load_run(FLAGS.workdir, families=("gpt",))
+        config, tokenizer, params, _ = runs.load_run(FLAGS.workdir,
+                                                     families=tuple(lm.DECODERS))
         ids = encode_prompt(FLAGS.prompt, tokenizer, config.model.max_len)
         if FLAGS.show_probs > tokenizer.vocab_size:
             raise DataError(f"--show_probs={FLAGS.show_probs} exceeds the vocabulary of "
@@ -89,7 +95,7 @@ def main(argv):
                        seed=FLAGS.seed)
     for i, new_ids in enumerate(samples):
         print(f"--- sample {i + 1} (temperature {FLAGS.temperature}) ---")
-        print(tokenizer.decode(ids[1:] + new_ids))
+        print(tokenizer.decode(ids + new_ids))  # special ids (BOS) are skipped
 
 
 if __name__ == "__main__":

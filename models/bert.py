@@ -29,7 +29,7 @@ FINETUNING_HEADS = ("classifier", "qa_outputs")
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(layers.ModelConfig):
     """Model hyper-parameters, built from `config.model`."""
     vocab_size: int
     max_len: int  # learned positions, in tokens
@@ -49,7 +49,7 @@ class BertConfig:
     scan_layers: bool = False  # one scanned block "layer" with stacked params, not layer_0..
     activation: str = "gelu_exact"  # BERT's erf GELU (layers.ACTIVATIONS)
     ln_epsilon: float = 1e-12
-    vocab_multiple: int = 1  # embedding rows padded to a multiple (models/gpt.py GPTConfig)
+    vocab_multiple: int = 1  # embedding rows padded to a multiple (layers.padded_vocab_size)
     # LoRA adapters in the encoder blocks (models/lora.py; as in models/gpt.py GPTConfig).
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -57,10 +57,6 @@ class BertConfig:
 
     def __post_init__(self):
         lora.layer_kwargs(self)  # fail at construction on a bad rank or target name
-
-    @property
-    def table_size(self) -> int:
-        return layers.padded_vocab_size(self.vocab_size, self.vocab_multiple)
 
     @classmethod
     def from_config(cls, model_config, **overrides):

@@ -80,7 +80,8 @@ REMAT_POLICIES = {
 
 
 def self_attention_stack(x_BLD, segment_ids_BL, deterministic, *, num_layers, name,
-                         remat="none", scan_layers=False, **block_kwargs):
+                         remat="none", scan_layers=False, block_cls=None, block_args=(),
+                         **block_kwargs):
     """x through `num_layers` SelfAttentionBlocks, created in the calling module's scope.
 
     Unscanned, the blocks are `{name}_0`, `{name}_1`, ... Scanned, one block `name` runs under
@@ -88,12 +89,14 @@ def self_attention_stack(x_BLD, segment_ids_BL, deterministic, *, num_layers, na
     layer instead of `num_layers` (compile time stops growing with depth). A KV cache is stacked
     the same way. `remat` wraps each block in jax.checkpoint with a REMAT_POLICIES policy; neither
     option changes the parameters' names or values, only their layout (scan) or what is
-    recomputed (remat).
+    recomputed (remat). `block_cls` (default SelfAttentionBlock) is called as
+    block(x, segment_ids, deterministic, *block_args); block_args are the same for every layer
+    (the Llama family's rotary angles).
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown config.model.remat {remat!r}; use one of "
                          f"{sorted(REMAT_POLICIES)}")
-    block_cls = SelfAttentionBlock
+    block_cls = block_cls or SelfAttentionBlock
     if remat != "none":
         # deterministic (argument 3, counting self) is a Python bool choosing code paths, so
         # it must stay static. scan already keeps XLA from merging recomputation with the
@@ -103,11 +106,11 @@ def self_attention_stack(x_BLD, segment_ids_BL, deterministic, *, num_layers, na
     if not scan_layers:
         for i in range(num_layers):
             x_BLD = block_cls(name=f"{name}_{i}", **block_kwargs)(x_BLD, segment_ids_BL,
-                                                                   deterministic)
+                                                                   deterministic, *block_args)
         return x_BLD
 
     def body(block, carry_BLD):
-        return block(carry_BLD, segment_ids_BL, deterministic), None
+        return block(carry_BLD, segment_ids_BL, deterministic, *block_args), None
 
     scanned = nn.scan(body, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True}, length=num_layers,

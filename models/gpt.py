@@ -17,7 +17,7 @@ from models import blocks, decoding, layers, lora
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(layers.ModelConfig):
     """Model hyper-parameters, built from `config.model`."""
     vocab_size: int
     max_len: int  # context length, in tokens
@@ -48,18 +48,6 @@ class GPTConfig:
     def __post_init__(self):
         lora.layer_kwargs(self)  # fail at construction on a bad rank or target name
 
-    @property
-    def table_size(self) -> int:
-        """Rows of the token embedding (and width of the logits)."""
-        return layers.padded_vocab_size(self.vocab_size, self.vocab_multiple)
-
-    @classmethod
-    def from_config(cls, model_config, **overrides):
-        """Builds the dataclass from an ml_collections section, ignoring non-model keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in model_config.items() if k in names}
-        return cls(**{**values, **overrides})
-
 
 class GPT(nn.Module):
     """Maps token ids B,L to next-token logits B,L,V."""
@@ -76,10 +64,8 @@ class GPT(nn.Module):
         """
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        if cfg.decode:
-            positions_BL = self._decode_positions(tokens_BL, segment_ids_BL)
-        elif positions_BL is None:
-            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+        positions_BL = layers.decoder_positions(self, tokens_BL, positions_BL, segment_ids_BL,
+                                                cfg.decode)
 
         wte = layers.token_embedding(cfg.table_size, cfg.d_model, "wte", **kw)
         x_BLD = wte(tokens_BL) + layers.LearnedPositionEmbedding(
@@ -98,29 +84,6 @@ class GPT(nn.Module):
             return x_BLD
         # Tied output projection, logits_BLV (table_size wide) in the compute dtype.
         return layers.mask_padded_logits(wte.attend(x_BLD), cfg.vocab_size)
-
-    def _decode_positions(self, tokens_BL, segment_ids_BL=None):
-        """Per row, positions continue from the number of real tokens already in the KV cache.
-
-        A real token's position counts only the real tokens before it, so a left-padded prompt
-        is positioned as if it were alone; padding (segment id 0) gets position 0, its outputs
-        are never used. The cache's write index is shared by all rows, positions are not.
-        """
-        b, length = tokens_BL.shape
-        initialized = self.has_variable("cache", "position")
-        position = self.variable("cache", "position", lambda: jnp.zeros(b, jnp.int32))
-        start_B = position.value if initialized else jnp.zeros(b, jnp.int32)
-        if segment_ids_BL is None:
-            positions_BL = start_B[:, None] + jnp.arange(length)
-            count_B = length
-        else:
-            real_BL = segment_ids_BL != 0
-            before_BL = jnp.cumsum(real_BL, axis=1, dtype=jnp.int32) - 1
-            positions_BL = jnp.where(real_BL, start_B[:, None] + before_BL, 0)
-            count_B = jnp.sum(real_BL, axis=1, dtype=jnp.int32)
-        if initialized:
-            position.value = start_B + count_B
-        return positions_BL
 
 
 def count_params(config: GPTConfig) -> int:

@@ -1,4 +1,5 @@
-"""Our parameter trees <-> Hugging Face checkpoints of GPT-2, BERT and Marian (opus-mt).
+"""Our parameter trees <-> Hugging Face checkpoints of GPT-2, BERT, Marian (opus-mt) and the
+Llama family (Llama, Qwen2, Qwen3, Mistral, Gemma: their tables are in models/hf_llama.py).
 
 Pure functions of dicts and numpy arrays; no file IO here (train/pretrained.py reads and
 writes the folders). Three things are mapped:
@@ -20,7 +21,10 @@ import re
 
 import numpy as np
 
-FAMILIES = {"gpt2": "gpt", "bert": "bert", "marian": "transformer"}
+from models import hf_llama
+
+FAMILIES = {"gpt2": "gpt", "bert": "bert", "marian": "transformer",
+            **{t: "llama" for t in hf_llama.MODEL_TYPES}}
 # config.json activation_function / hidden_act -> ours (layers.ACTIVATIONS), and back.
 ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact",
                "relu": "relu", "swish": "silu", "silu": "silu"}
@@ -56,7 +60,7 @@ def family_of(hf: dict) -> str:
     if model_type not in FAMILIES:
         raise UnsupportedCheckpoint(
             f"config.json model_type={model_type!r} is not supported; this codebase imports "
-            f"{sorted(FAMILIES)} (GPT-2, BERT and Marian checkpoints)")
+            f"{sorted(FAMILIES)} (GPT-2, BERT, Marian and Llama-family checkpoints)")
     return FAMILIES[model_type]
 
 
@@ -77,6 +81,11 @@ def model_fields(hf: dict, vocab_multiple: int = 128) -> tuple[str, dict]:
                       d_ff=hf.get("n_inner") or 4 * d,
                       activation=_activation(hf, "activation_function"),
                       ln_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)))
+    elif family == "llama":
+        fields = hf_llama.model_fields(hf)
+        if fields["num_heads"] % fields["num_kv_heads"]:
+            raise UnsupportedCheckpoint(f"{fields['num_heads']} attention heads do not divide "
+                                        f"into {fields['num_kv_heads']} key/value heads")
     elif family == "bert":
         _require(hf, "position_embedding_type", ["absolute"], "learned absolute positions")
         _require(hf, "tie_word_embeddings", [True], "the MLM output layer is the embedding")
@@ -109,7 +118,7 @@ def model_fields(hf: dict, vocab_multiple: int = 128) -> tuple[str, dict]:
                       embed_scale=bool(hf.get("scale_embedding", False)),
                       position_layout="split", final_logits_bias=True, ln_epsilon=1e-5,
                       pad_id=int(hf["pad_token_id"]))
-    if fields["d_model"] % fields["num_heads"]:
+    if family != "llama" and fields["d_model"] % fields["num_heads"]:
         raise UnsupportedCheckpoint(f"width {fields['d_model']} does not divide into "
                                     f"{fields['num_heads']} heads")
     fields["vocab_multiple"] = vocab_multiple
@@ -123,6 +132,8 @@ def hf_config(family: str, model: dict, special: dict, heads=(), labels=None) ->
               "pad_token_id": special.get("pad_id"), "bos_token_id": special.get("bos_id"),
               "eos_token_id": special.get("eos_id")}
     m = model
+    if family == "llama":
+        return hf_llama.hf_config(m, common)
     if family == "gpt":
         return dict(common, model_type="gpt2", architectures=[ARCHITECTURES["gpt"]],
                     vocab_size=m["vocab_size"], n_positions=m["max_len"],
@@ -264,22 +275,25 @@ def _marian_rules(num_layers, prefix):
 
 
 # Tensors a checkpoint may hold that have no parameter of ours: tied copies of the embedding,
-# GPT-2's causal-mask buffers, BERT's position-id buffer, Marian's fixed sinusoid tables.
+# GPT-2's causal-mask buffers, BERT's position-id buffer, Marian's fixed sinusoid tables, the
+# rotary frequencies some Llama ports save.
 _DERIVED = re.compile(r"(^|\.)(lm_head\.weight|attn\.(masked_)?bias|position_ids|"
                       r"cls\.predictions\.decoder\.(weight|bias)|embed_tokens\.weight|"
-                      r"embed_positions\.weight)$")
+                      r"embed_positions\.weight|rotary_emb\.inv_freq)$")
 
 
 def _prefix(names, family):
     """The checkpoint's name prefix: task-head classes nest the base model under one."""
     probe = {"gpt": ("transformer.", "wte.weight"),
              "bert": ("bert.", "embeddings.word_embeddings.weight"),
-             "transformer": ("model.", "shared.weight")}[family]
+             "transformer": ("model.", "shared.weight"),
+             "llama": ("model.", "embed_tokens.weight")}[family]
     return probe[0] if probe[0] + probe[1] in names else ""
 
 
 # The prefix each family's exported class (GPT2LMHeadModel, BertFor*, MarianMTModel) uses.
-EXPORT_PREFIX = {"gpt": "transformer.", "bert": "bert.", "transformer": "model."}
+EXPORT_PREFIX = {"gpt": "transformer.", "bert": "bert.", "transformer": "model.",
+                 "llama": "model."}
 
 
 def tensor_rules(family: str, num_layers: int, names=(), prefix=None) -> dict[str, Rule]:
@@ -287,6 +301,8 @@ def tensor_rules(family: str, num_layers: int, names=(), prefix=None) -> dict[st
     holding `names` (prefixes such as 'transformer.' or 'bert.' are detected) or, for
     writing one, with the given `prefix`."""
     prefix = _prefix(set(names), family) if prefix is None else prefix
+    if family == "llama":
+        return hf_llama.rules(num_layers, prefix, Rule)
     build = {"gpt": _gpt_rules, "bert": _bert_rules, "transformer": _marian_rules}[family]
     return build(num_layers, prefix)
 
@@ -390,4 +406,4 @@ def default_experiment(hf: dict) -> str:
     if family == "bert" and "QuestionAnswering" in architectures:
         return "experiments/bert_squad.py"
     return {"gpt": "experiments/gpt.py", "bert": "experiments/bert.py",
-            "transformer": "experiments/transformer.py"}[family]
+            "transformer": "experiments/transformer.py", "llama": "experiments/llama.py"}[family]

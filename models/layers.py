@@ -10,6 +10,7 @@ Shape-letter key used for tensor names across `models/`:
   B batch, L query/target length, S key/source length, D model width, H heads,
   K head dim (d_k), F feed-forward width, V vocabulary.
 """
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +25,7 @@ BATCH = "batch"
 LENGTH = "length"
 EMBED = "embed"
 HEADS = "heads"
+KV_HEADS = "kv_heads"  # the key/value heads of grouped-query attention (fewer than HEADS)
 KV = "kv"
 MLP = "mlp"
 VOCAB = "vocab"
@@ -64,17 +66,20 @@ class Projection(nn.Module):
     param_dtype: Dtype = jnp.float32
     lora_rank: int = 0
     lora_alpha: float = 16.0  # the update is scaled by alpha / rank (sec. 4.1)
+    use_bias: bool = True  # Llama-style projections have none
 
     @nn.compact
     def __call__(self, x):
         in_shape = x.shape[-self.in_dims:]
         kernel = self.param("kernel", partitioned(nn.initializers.normal(0.02), self.names),
                             in_shape + tuple(self.features), self.param_dtype)
-        bias = self.param("bias", partitioned(nn.initializers.zeros,
-                                              self.names[self.in_dims:]),
-                          tuple(self.features), self.param_dtype)
         x = x.astype(self.dtype)
-        y = _contract(x, kernel.astype(self.dtype), self.in_dims) + bias.astype(self.dtype)
+        y = _contract(x, kernel.astype(self.dtype), self.in_dims)
+        if self.use_bias:
+            bias = self.param("bias", partitioned(nn.initializers.zeros,
+                                                  self.names[self.in_dims:]),
+                              tuple(self.features), self.param_dtype)
+            y = y + bias.astype(self.dtype)
         if self.lora_rank > 0:  # created after kernel and bias, so their init is unchanged
             y = y + self._low_rank_update(x, in_shape)
         return y
@@ -105,6 +110,23 @@ def padded_vocab_size(vocab_size: int, multiple: int = 1) -> int:
     and their logits are masked (mask_padded_logits), so losses and samples are unchanged.
     """
     return -(-vocab_size // multiple) * multiple
+
+
+class ModelConfig:
+    """What every model config dataclass (GPTConfig, LlamaConfig, BertConfig, ...) shares:
+    built from its `config.model` section, and a vocabulary padded to `vocab_multiple`."""
+
+    @property
+    def table_size(self) -> int:
+        """Rows of the token embedding (and width of the logits)."""
+        return padded_vocab_size(self.vocab_size, self.vocab_multiple)
+
+    @classmethod
+    def from_config(cls, model_config, **overrides):
+        """Builds the dataclass from an ml_collections section, ignoring non-model keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in model_config.items() if k in names}
+        return cls(**{**values, **overrides})
 
 
 def mask_padded_logits(logits_BLV, vocab_size: int):
@@ -175,6 +197,41 @@ class LearnedPositionEmbedding(nn.Module):
         return jnp.take(table, positions_BL, axis=0).astype(self.dtype)
 
 
+def decoder_positions(module, tokens_BL, positions_BL, segment_ids_BL, decode: bool):
+    """A decoder's (GPT's, Llama's) token positions B,L: the given ones, else 0..L-1 in each
+    row, or in decode mode counted in `module`'s "cache" collection (cache_positions)."""
+    if decode:
+        return cache_positions(module, tokens_BL, segment_ids_BL)
+    if positions_BL is None:
+        return jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+    return positions_BL
+
+
+def cache_positions(module, tokens_BL, segment_ids_BL=None):
+    """Decode-mode positions B,L, kept in `module`'s "cache" collection: per row they continue
+    from the number of real tokens already in the KV cache.
+
+    A real token's position counts only the real tokens before it, so a left-padded prompt
+    is positioned as if it were alone; padding (segment id 0) gets position 0, its outputs
+    are never used. The cache's write index is shared by all rows, positions are not.
+    """
+    b, length = tokens_BL.shape
+    initialized = module.has_variable("cache", "position")
+    position = module.variable("cache", "position", lambda: jnp.zeros(b, jnp.int32))
+    start_B = position.value if initialized else jnp.zeros(b, jnp.int32)
+    if segment_ids_BL is None:
+        positions_BL = start_B[:, None] + jnp.arange(length)
+        count_B = length
+    else:
+        real_BL = segment_ids_BL != 0
+        before_BL = jnp.cumsum(real_BL, axis=1, dtype=jnp.int32) - 1
+        positions_BL = jnp.where(real_BL, start_B[:, None] + before_BL, 0)
+        count_B = jnp.sum(real_BL, axis=1, dtype=jnp.int32)
+    if initialized:
+        position.value = start_B + count_B
+    return positions_BL
+
+
 POSITION_LAYOUTS = ("interleaved", "split")
 
 
@@ -205,3 +262,112 @@ def sinusoidal_positions(positions_BL, d_model, dtype=jnp.float32, layout="inter
         return jnp.take(jnp.asarray(table, dtype), positions_BL, axis=0)
     angles_BLI = positions_BL.astype(jnp.float32)[..., None] * inv_freq.astype(np.float32)
     return arrange(jnp, angles_BLI).astype(dtype)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * w over the last axis (Zhang & Sennrich 2019, eq. 4).
+
+    No mean subtraction and no bias: cheaper than LayerNorm and as good in Llama-style
+    decoders. The statistics run in fp32 whatever the compute dtype. `offset` 1 is Gemma's
+    (1 + w) parameterisation, whose w starts at 0; there the product is taken in fp32 before the
+    cast back, Llama casts first and then scales (the order each family's checkpoint expects).
+    """
+    epsilon: float = 1e-6
+    offset: float = 0.0
+    names: tuple = (EMBED,)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", partitioned(init, self.names), (x.shape[-1],),
+                           self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        if self.offset:
+            return (normed * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class GatedFeedForward(nn.Module):
+    """FFN(x) = (act(x W_gate) * (x W_up)) W_down: the gated linear unit of Shazeer 2020
+    (SwiGLU with SiLU: Llama, Qwen, Mistral; GeGLU with tanh GELU: Gemma).
+
+    Three matrices of width F instead of two; the published models shrink F to about 8/3 D so
+    the parameter count matches a 4 D plain feed-forward.
+    """
+    d_ff: int
+    activation: str = "silu"
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    lora_rank: int = 0  # LoRA adapters on those of gate, up, down named in lora_targets
+    lora_alpha: float = 16.0
+    lora_targets: tuple = lora.TARGETS
+
+    def _dense(self, features, names, name):
+        rank = self.lora_rank if name in self.lora_targets else 0
+        return Projection((features,), names, lora_rank=rank, lora_alpha=self.lora_alpha,
+                          use_bias=self.use_bias, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=name)
+
+    @nn.compact
+    def __call__(self, x_BLD, deterministic=True):
+        act = ACTIVATIONS[self.activation]
+        gate_BLF = act(self._dense(self.d_ff, (EMBED, MLP), "gate")(x_BLD))
+        h_BLF = gate_BLF * self._dense(self.d_ff, (EMBED, MLP), "up")(x_BLD)
+        h_BLF = nn.with_logical_constraint(h_BLF, (BATCH, LENGTH, MLP))
+        return self._dense(x_BLD.shape[-1], (MLP, EMBED), "down")(h_BLF)
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_frequencies(head_dim: int, theta: float, rope_type: str = "default",
+                     factor: float = 1.0, low_freq_factor: float = 1.0,
+                     high_freq_factor: float = 4.0, original_max_len: int = 8192) -> np.ndarray:
+    """The K/2 inverse frequencies theta^(-2i/K) of rotary embeddings (Su et al. 2021, eq. 15),
+    float32, with a context-extension rule applied.
+
+    "linear" divides every frequency by `factor` (position interpolation, Chen et al. 2023).
+    "llama3" (Llama 3.1) divides only the low frequencies, those whose wavelength exceeds
+    original_max_len / low_freq_factor, keeps those below original_max_len / high_freq_factor,
+    and blends linearly in wavelength-inverse between the two.
+    """
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"unknown rope type {rope_type!r}; use one of {ROPE_TYPES}")
+    # float32 throughout, as the published checkpoints' reference code computes them.
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+    if rope_type == "linear":
+        return (inv_freq / np.float32(factor)).astype(np.float32)
+    if rope_type == "llama3":
+        wavelen = np.float32(2 * np.pi) / inv_freq
+        low_wavelen = original_max_len / low_freq_factor
+        high_wavelen = original_max_len / high_freq_factor
+        scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(factor), inv_freq)
+        smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor
+                                                                    - low_freq_factor)
+        blended = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, blended, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rotary_angles(positions_BL, inv_freq, dtype=jnp.float32):
+    """(cos, sin) B,L,K of positions times the frequencies, each frequency used twice (the
+    two halves of a head are the pairs that rotate together; see apply_rotary)."""
+    freqs_BLI = positions_BL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    angles_BLK = jnp.concatenate([freqs_BLI, freqs_BLI], axis=-1)
+    return jnp.cos(angles_BLK).astype(dtype), jnp.sin(angles_BLK).astype(dtype)
+
+
+def apply_rotary(x_BLHK, cos_BLK, sin_BLK):
+    """x rotated by its position: feature i pairs with feature i + K/2 ("half" layout, the one
+    the Llama-family checkpoints use), so q.k depends only on the positions' difference."""
+    half = x_BLHK.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BLHK[..., half:], x_BLHK[..., :half]], axis=-1)
+    cos, sin = cos_BLK[:, :, None, :].astype(x_BLHK.dtype), sin_BLK[:, :, None, :].astype(
+        x_BLHK.dtype)
+    return x_BLHK * cos + rotated * sin

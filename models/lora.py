@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 ADAPTER_NAMES = ("lora_a", "lora_b")
-# The projections an adapter can attach to: attention's W_Q, W_K, W_V, W_O and the
-# feed-forward's two matrices (attention.MultiHeadAttention, layers.FeedForward). The paper adapts
+# The projections an adapter can attach to: attention's W_Q, W_K, W_V, W_O, the
+# feed-forward's two matrices (attention.MultiHeadAttention, layers.FeedForward) and the gated
+# feed-forward's three (layers.GatedFeedForward: Llama, Qwen, Mistral, Gemma). The paper adapts
 # only W_Q and W_V (sec. 7.1); adapting every matrix is the common choice since QLoRA
 # (Dettmers et al. 2023, sec. 4) found it needed to match full fine-tuning.
-TARGETS = ("query", "key", "value", "out", "wi", "wo")
+TARGETS = ("query", "key", "value", "out", "wi", "wo", "gate", "up", "down")
 
 
 def parse_targets(targets) -> tuple:

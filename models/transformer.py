@@ -22,7 +22,7 @@ from models import attention, blocks, decoding, layers
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(layers.ModelConfig):
     """Model hyper-parameters, built from `config.model`."""
     vocab_size: int  # joint source/target vocabulary
     max_len: int
@@ -46,17 +46,7 @@ class TransformerConfig:
     final_logits_bias: bool = False  # a per-token bias on the output logits
     ln_epsilon: float = 1e-5
     pad_id: int = 0  # the source padding id when no segment ids are given
-    vocab_multiple: int = 1  # embedding rows padded to a multiple (models/gpt.py GPTConfig)
-
-    @property
-    def table_size(self) -> int:
-        return layers.padded_vocab_size(self.vocab_size, self.vocab_multiple)
-
-    @classmethod
-    def from_config(cls, model_config, **overrides):
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in model_config.items() if k in names}
-        return cls(**{**values, **overrides})
+    vocab_multiple: int = 1  # embedding rows padded to a multiple (layers.padded_vocab_size)
 
     @property
     def kw(self):

@@ -20,19 +20,27 @@ from train import runs
 from data import tokenizer_io
 
 
-@pytest.fixture(scope="module")
-def gpt2_folder(tmp_path_factory, corpus_file):
-    """A GPT-2 folder as the hub has them: config.json, model.safetensors, tokenizer files."""
+def save_byte_level_tokenizer(folder, corpus_file, cls=None, **special):
+    """A 320-piece byte-level BPE trained on the corpus, ending in <|endoftext|>, saved into
+    folder as transformers' `cls` with the `special` tokens; returns the tokenizer."""
     import tokenizers
-    folder = str(tmp_path_factory.mktemp("hf") / "tiny_gpt2")
     bpe = tokenizers.ByteLevelBPETokenizer()
     bpe.train_from_iterator([corpus_file.read_text()], vocab_size=320,
                             special_tokens=["<|endoftext|>"])
-    fast = transformers.GPT2TokenizerFast(tokenizer_object=bpe._tokenizer,
-                                          bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                          unk_token="<|endoftext|>")
+    cls = cls or transformers.PreTrainedTokenizerFast
+    fast = cls(tokenizer_object=bpe._tokenizer, **special)
     fast.save_pretrained(folder)
-    end = fast.convert_tokens_to_ids("<|endoftext|>")
+    return fast
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory, corpus_file):
+    """A GPT-2 folder as the hub has them: config.json, model.safetensors, tokenizer files."""
+    folder = str(tmp_path_factory.mktemp("hf") / "tiny_gpt2")
+    eot = "<|endoftext|>"
+    fast = save_byte_level_tokenizer(folder, corpus_file, transformers.GPT2TokenizerFast,
+                                     bos_token=eot, eos_token=eot, unk_token=eot)
+    end = fast.convert_tokens_to_ids(eot)
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=len(fast),
                                      n_positions=64, bos_token_id=end, eos_token_id=end)
@@ -90,11 +98,17 @@ def test_import_sample_finetune_and_export_round_trip(gpt2_folder, corpus_file, 
     assert json.loads((tuned / "config.json").read_text())["model"]["vocab_size"] == vocab
 
 
-def test_a_gpt_trained_here_exports_with_its_tokenizer(corpus_file, tmp_path):
+@pytest.mark.parametrize("experiment, model_type, extra", [
+    ("gpt", "gpt2", []), ("llama", "llama", ["--config.model.tie_embeddings=False"])])
+def test_a_decoder_trained_here_exports_with_its_tokenizer(corpus_file, tmp_path, experiment,
+                                                           model_type, extra):
     workdir = tmp_path / "ours"
-    train(workdir, corpus_file, "--config.num_train_steps=3", "--config.eval_every_steps=3")
+    run("train.main", f"--config=experiments/{experiment}.py:smoke", f"--workdir={workdir}",
+        f"--config.data.source={corpus_file}", "--config.num_train_steps=3",
+        "--config.eval_every_steps=3", *extra)
     exported = tmp_path / "ours_hf"
     run("experiments.hf", f"--workdir={workdir}", f"--export_to={exported}")
+    assert json.loads((exported / "config.json").read_text())["model_type"] == model_type
     ours_tok = tokenizer_io.load_run_tokenizer(str(workdir))
     theirs_tok = transformers.AutoTokenizer.from_pretrained(str(exported))
     rng = np.random.default_rng(1)
@@ -103,7 +117,7 @@ def test_a_gpt_trained_here_exports_with_its_tokenizer(corpus_file, tmp_path):
         assert theirs_tok.encode(text, add_special_tokens=False) == ours_tok.encode(text)
     ids = rng.integers(0, ours_tok.vocab_size, (2, 16))
     with torch.no_grad():
-        ref = transformers.GPT2LMHeadModel.from_pretrained(str(exported)).eval()(
+        ref = transformers.AutoModelForCausalLM.from_pretrained(str(exported)).eval()(
             torch.tensor(ids)).logits.numpy()
     assert np.abs(_our_logits(workdir, ids) - ref).max() <= 1e-5
 
@@ -120,11 +134,11 @@ def test_bad_import_and_export_are_one_error_and_write_nothing(gpt2_folder, tmp_
     (broken / "pytorch_model.bin").write_bytes(b"not read")
     _assert_clear_error(run("experiments.hf", f"--import_from={broken}", f"--workdir={target}",
                             check=False), "pytorch_model.bin", "never read")
-    llama = tmp_path / "llama"
+    llama = tmp_path / "mixtral"
     llama.mkdir()
-    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (llama / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
     _assert_clear_error(run("experiments.hf", f"--import_from={llama}", f"--workdir={target}",
-                            check=False), "model_type='llama' is not supported")
+                            check=False), "model_type='mixtral' is not supported")
     assert not target.exists() and not list(tmp_path.glob("never*"))
     # An export never overwrites: a non-empty destination is refused, untouched.
     taken = tmp_path / "taken"

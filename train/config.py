@@ -11,7 +11,7 @@ import os
 
 from data.tokenizer import MODEL_TYPES as TOKENIZERS
 from models.blocks import REMAT_POLICIES
-from models.layers import ACTIVATIONS, POSITION_LAYOUTS
+from models.layers import ACTIVATIONS, POSITION_LAYOUTS, ROPE_TYPES
 from train.errors import ConfigError
 from train.profiling import parse_steps
 
@@ -79,6 +79,13 @@ RULES = {
     "model.activation": _choice(*ACTIVATIONS),
     "model.ln_epsilon": _number(0, 1, low_open=True), "model.vocab_multiple": POSITIVE,
     "model.position_layout": _choice(*POSITION_LAYOUTS), "model.pad_id": NON_NEGATIVE,
+    "model.num_kv_heads": NON_NEGATIVE + ("(0: num_heads)",),
+    "model.head_dim": NON_NEGATIVE + ("(0: d_model / num_heads)",),
+    "model.rope_theta": _number(0, math.inf, low_open=True),
+    "model.rope_type": _choice(*ROPE_TYPES),
+    "model.rope_factor": _number(0, math.inf, low_open=True),
+    "model.norm_epsilon": _number(0, 1, low_open=True), "model.norm_offset": _number(0, 1),
+    "model.sliding_window": NON_NEGATIVE + ("(0: full causal attention)",),
     "model.lora_rank": NON_NEGATIVE + ("(0: off)",),
     "model.lora_alpha": _number(0, math.inf, low_open=True),
     "model.lora_targets": _lora_targets(),
@@ -119,7 +126,13 @@ def _relations(config):
     """(message) for each pair of keys whose values cannot work together."""
     get = lambda key: _lookup(config, key)[1]  # noqa: E731
     m = config.get("model", {})
-    if m.get("d_model") and m.get("num_heads") and m["d_model"] % m["num_heads"]:
+    kv_heads = m.get("num_kv_heads", 0)
+    if m.get("num_heads") and kv_heads and m["num_heads"] % kv_heads:
+        yield (f"config.model.num_heads={m['num_heads']} is not a multiple of config.model."
+               f"num_kv_heads={kv_heads}: each key/value head serves an equal group of query "
+               "heads; pick a kv head count that divides num_heads")
+    if (m.get("d_model") and m.get("num_heads") and not m.get("head_dim")
+            and m["d_model"] % m["num_heads"]):
         yield (f"config.model.d_model={m['d_model']} is not divisible by config.model."
                f"num_heads={m['num_heads']}: each head gets d_model / num_heads dimensions; "
                "pick a head count that divides the width")

@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from train.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+KV_HEADS = "kv_heads"  # models/layers.py KV_HEADS
 
 # Logical name -> mesh axes. `embed` on fsdp shards every weight matrix along d_model when
 # fsdp > 1 and is a no-op when fsdp == 1.
@@ -22,6 +23,9 @@ DEFAULT_RULES = (
     ("length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    # Grouped-query attention's key/value heads: split like the query heads when their count
+    # divides the tensor axis, else replicated (logical_shardings).
+    ("kv_heads", "tensor"),
     ("kv", None),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
@@ -58,20 +62,36 @@ def logical_shardings(abstract_tree, mesh, rules):
     """NamedShardings for a tree whose leaves may be boxed with logical names.
 
     An axis the mesh would split unevenly (say GPT-2's 50,257-token vocabulary over tensor=2)
-    is a ConfigError naming the parameter, rather than an XLA error at the first step.
+    is a ConfigError naming the parameter, rather than an XLA error at the first step. The
+    one exception is key/value heads (grouped-query attention): when they do not divide,
+    say SmolLM2's 3 over tensor=2, the K and V projections are replicated over that axis
+    while the query heads stay split (every device then computes all K and V heads; the
+    attention still splits by query head).
     """
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_tree), mesh, rules)
+    specs = nn.get_partition_spec(abstract_tree)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
     leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract_tree))
-    for (path, leaf), sh in zip(leaves, jax.tree.leaves(shardings)):
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    flat = jax.tree.leaves(shardings)
+    for i, ((path, leaf), sh) in enumerate(zip(leaves, flat)):
         try:
             sh.shard_shape(leaf.shape)
+            continue
+        except ValueError:
+            pass
+        names = tuple(spec_leaves[i])
+        if KV_HEADS in names:
+            unsplit = PartitionSpec(*(None if n == KV_HEADS else n for n in names))
+            flat[i] = nn.logical_to_mesh_sharding(unsplit, mesh, rules)
+        try:
+            flat[i].shard_shape(leaf.shape)
         except ValueError:
             raise ConfigError(
                 f"parameter {jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be split "
                 f"evenly as {sh.spec} over mesh {dict(mesh.shape)}; change config.mesh, or make "
                 "the dimension divisible (e.g. config.model.vocab_size=50304 for GPT-2, "
                 "nanoGPT's padding)") from None
-    return shardings
+    return jax.tree.unflatten(jax.tree.structure(shardings), flat)
 
 
 def batch_sharding(mesh, rules) -> NamedSharding:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import gpt as gpt_experiment
-from models import attention, bert, blocks, gpt, layers
+from models import attention, bert, blocks, gpt, layers, llama
 from train import optim, sharding
 from train import step as step_lib
 from train.tasks import lm, mlm_nsp
@@ -19,15 +19,21 @@ GPT_SMALL = gpt.GPTConfig(vocab_size=61, max_len=16, num_layers=NUM_LAYERS, d_mo
                           num_heads=4, d_ff=64, dropout_rate=0.0)
 BERT_SMALL = bert.BertConfig(vocab_size=67, max_len=16, num_layers=NUM_LAYERS, d_model=32,
                              num_heads=4, d_ff=64, dropout_rate=0.0, attention_dropout_rate=0.0)
+# Grouped-query attention, q/k norms, a window shorter than the rows, an untied head.
+LLAMA_SMALL = llama.LlamaConfig(vocab_size=61, max_len=16, num_layers=NUM_LAYERS, d_model=32,
+                                num_heads=4, num_kv_heads=2, d_ff=64, qk_norm=True,
+                                sliding_window=6, tie_embeddings=False)
 # family: (config, task, name of the unscanned blocks' prefix = the scanned block's name)
-FAMILIES = {"gpt": (GPT_SMALL, lm, "h"), "bert": (BERT_SMALL, mlm_nsp, "layer")}
+FAMILIES = {"gpt": (GPT_SMALL, lm, "h"), "bert": (BERT_SMALL, mlm_nsp, "layer"),
+            "llama": (LLAMA_SMALL, lm, "layer")}
+DECODERS = {"gpt": gpt.GPT, "llama": llama.Llama}
 
 
 def _batch(family, b=2, length=16, p=3):
     rng = np.random.default_rng(0)
     tokens = rng.integers(7, 61, (b, length + 1)).astype(np.int32)
     ones = np.ones((b, length), np.int32)
-    if family == "gpt":  # two packed documents per row, as the loader makes them
+    if family in DECODERS:  # two packed documents per row, as the loader makes them
         segments = np.concatenate([ones[:, :10], 2 * ones[:, 10:]], 1)
         positions = np.concatenate([np.arange(10), np.arange(length - 10)]) * ones
         return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions,
@@ -43,12 +49,12 @@ def _batch(family, b=2, length=16, p=3):
 
 def _model(family, **changes):
     config = FAMILIES[family][0]
-    return (gpt.GPT if family == "gpt" else bert.Bert)(dataclasses.replace(config, **changes))
+    return DECODERS.get(family, bert.Bert)(dataclasses.replace(config, **changes))
 
 
 def _init(model, batch):
     """Boxed parameters (logical axis names kept); jitted, as op-by-op init is slow."""
-    if isinstance(model, gpt.GPT):
+    if not isinstance(model, bert.Bert):
         args = (batch["inputs"], batch["positions"], batch["segment_ids"])
     else:
         args = (batch["inputs"], batch["token_types"], batch["segment_ids"],
@@ -136,16 +142,18 @@ def test_scanned_parameters_carry_an_unsharded_layers_axis():
     assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
 
 
-def test_kv_cache_decoding_with_scanned_layers_equals_full_forward():
-    """The cache is stacked along the layer axis like the parameters."""
-    params = _stack(_reference("gpt")[0], "h")
-    tokens = jnp.asarray(_batch("gpt")["inputs"][:, :6])
-    full = jax.jit(_model("gpt", scan_layers=True).apply)({"params": params}, tokens)
-    decoder = _model("gpt", scan_layers=True, decode=True)
+@pytest.mark.parametrize("family", sorted(DECODERS))
+def test_kv_cache_decoding_with_scanned_layers_equals_full_forward(family):
+    """The cache is stacked along the layer axis like the parameters (Llama's: the window
+    of 6 ends before the last of 8 tokens, so its mask is tested in the cache too)."""
+    params = _stack(_reference(family)[0], FAMILIES[family][2])
+    tokens = jnp.asarray(_batch(family)["inputs"][:, :8])
+    full = jax.jit(_model(family, scan_layers=True).apply)({"params": params}, tokens)
+    decoder = _model(family, scan_layers=True, decode=True)
     step = jax.jit(lambda c, t: decoder.apply({"params": params, "cache": c}, t,
                                               mutable=["cache"]))
-    cache, pieces = gpt.init_cache(decoder, 2, 6), []
-    for t in range(6):  # one token at a time: a single compiled shape
+    cache, pieces = gpt.init_cache(decoder, 2, 8), []
+    for t in range(8):  # one token at a time: a single compiled shape
         logits, variables = step(cache, tokens[:, t:t + 1])
         cache = variables["cache"]
         pieces.append(logits)

@@ -7,7 +7,7 @@ import pytest
 from train import config as config_lib
 from train.errors import ConfigError
 
-EXPERIMENTS = ("gpt", "bert", "bert_classify", "bert_squad", "transformer", "gpt_sft")
+EXPERIMENTS = ("gpt", "bert", "bert_classify", "bert_squad", "transformer", "gpt_sft", "llama")
 
 
 def _presets():
@@ -90,3 +90,14 @@ def test_bert_masking_and_query_lengths_must_fit_the_row():
     config.data.max_query_len = config.data.max_len
     with pytest.raises(ConfigError, match="max_query_len"):
         config_lib.validate(config)
+
+
+def test_kv_heads_that_do_not_divide_the_heads_are_refused():
+    from experiments import llama
+    config = llama.get_config("smoke")
+    config.model.num_kv_heads = 3
+    with pytest.raises(ConfigError, match="num_heads=4 is not a multiple of config.model."
+                                          "num_kv_heads=3"):
+        config_lib.validate(config)
+    config.model.num_kv_heads, config.model.head_dim, config.model.num_heads = 1, 16, 3
+    config_lib.validate(config)  # an explicit head_dim: d_model need not divide by the heads

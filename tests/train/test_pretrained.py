@@ -303,10 +303,10 @@ def test_bad_folders_are_refused_with_the_reason(folders, tmp_path):
     no_weights = _copy_folder(folders["gpt2"], tmp_path / "no_weights")
     os.remove(os.path.join(no_weights, "model.safetensors"))
     assert "no model.safetensors" in _configure_error(no_weights)
-    other = _copy_folder(folders["gpt2"], tmp_path / "llama")
+    other = _copy_folder(folders["gpt2"], tmp_path / "mixtral")
     with open(os.path.join(other, "config.json"), "w") as f:
-        json.dump({"model_type": "llama"}, f)
-    assert "model_type='llama' is not supported" in _configure_error(other)
+        json.dump({"model_type": "mixtral"}, f)
+    assert "model_type='mixtral' is not supported" in _configure_error(other)
     wrong_family = _configure_error(folders["bert_model"])
     assert "holds a bert checkpoint" in wrong_family and "experiments/bert.py" in wrong_family
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from models import layers
 from train import step as step_lib
 from train.rl import settings
-from train.tasks import posttrain
+from train.tasks import lm, posttrain
 
 
 def reference_params(params, reference, lora):
@@ -59,7 +59,7 @@ def token_outputs(net, params, rows, temperature, *, value=False):
     base = {k: v for k, v in params.items() if k != settings.VALUE_HEAD}
     x_BLD = net.apply({"params": base}, inputs, positions, segment, hidden_only=True)
     x_BND = x_BLD[:, rows["prompt"].shape[1] - 1:]
-    embedding = base["wte"]["embedding"]
+    embedding = lm.output_table(base)
     logits = layers.mask_padded_logits(x_BND @ embedding.T.astype(x_BND.dtype),
                                        net.config.vocab_size)
     logp_BNV = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)

@@ -19,6 +19,7 @@ the reference's; at each eval also greedy answers to the dev prompts, exact matc
 against the chosen response (as sft, workdir/eval_generations.jsonl).
 """
 import dataclasses
+from typing import Any
 import hashlib
 import os
 
@@ -27,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from data import chat, preferences
-from models import gpt
 from train import losses, metrics
 from train.errors import ConfigError
 from train.tasks import lm, posttrain, sft
@@ -45,7 +45,7 @@ SIDES = posttrain.SIDES
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """The GPT with the settings loss_fn reads: beta, the loss, where the reference is from."""
-    net: gpt.GPT
+    net: Any  # the decoder module, gpt.GPT or llama.Llama
     beta: float
     loss_type: str
     reference: str  # "precomputed" or "adapters_off"
@@ -132,7 +132,7 @@ def sequence_logps(net, params, rows, *, train=False, rng=None):
     x_BLD = net.apply({"params": params}, rows["inputs"], rows["positions"], rows["segment_ids"],
                       deterministic=not train, rngs={"dropout": rng} if train else None,
                       hidden_only=True)
-    _, nll_BL, _ = losses.tied_cross_entropy(x_BLD, params["wte"]["embedding"], rows["targets"],
+    _, nll_BL, _ = losses.tied_cross_entropy(x_BLD, lm.output_table(params), rows["targets"],
                                              vocab_size=net.config.vocab_size)
     return -jnp.sum(nll_BL * rows["weights"], axis=1)
 

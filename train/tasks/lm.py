@@ -14,17 +14,43 @@ import numpy as np
 from data import hf_tokenizer, lm as lm_data, tokenizer_io
 from data import prepared, sources, tokenizer as tok
 from data.errors import DataError
-from models import gpt
+from models import gpt, llama
 from train import losses, multihost, pretrained
 
+# config.model.family -> the decoder's module, its config dataclass and its FLOP count.
+DECODERS = {"gpt": (gpt.GPT, gpt.GPTConfig, gpt.flops_per_token),
+            "llama": (llama.Llama, llama.LlamaConfig, llama.flops_per_token)}
 
-def build_model(config, **overrides) -> gpt.GPT:
-    """The GPT of `config.model`; overrides such as decode=True (the KV-cache variant)."""
-    return gpt.GPT(gpt.GPTConfig.from_config(config.model, **overrides))
+
+def _decoder(config):
+    family = config.model.get("family", "gpt")
+    if family not in DECODERS:
+        raise ValueError(f"config.model.family={family!r} is not a decoder; use one of "
+                         f"{sorted(DECODERS)}")
+    return DECODERS[family]
+
+
+def model_config(config, **overrides):
+    """The model dataclass (gpt.GPTConfig or llama.LlamaConfig) of `config.model`."""
+    return _decoder(config)[1].from_config(config.model, **overrides)
+
+
+def build_model(config, **overrides):
+    """The decoder of `config.model` (GPT-2 or Llama family); overrides such as decode=True
+    (the KV-cache variant)."""
+    return _decoder(config)[0](model_config(config, **overrides))
 
 
 def flops_per_token(config) -> float:
-    return gpt.flops_per_token(gpt.GPTConfig.from_config(config.model), config.data.max_len)
+    return _decoder(config)[2](model_config(config), config.data.max_len)
+
+
+def output_table(params):
+    """The V,D table the decoder's logits are taken against (the tied embedding or an
+    untied lm_head), for the fused output-layer losses."""
+    if "wte" in params:
+        return params["wte"]["embedding"]
+    return llama.output_table(params)
 
 
 def load_or_train_tokenizer(config, workdir, train_docs):
@@ -125,7 +151,7 @@ def loss_fn(params, batch, rng, *, model, train):
         {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
         deterministic=not train, rngs={"dropout": rng} if train else None, hidden_only=True)
     # The tied output layer and the softmax cross-entropy as one op (fp32 logits and loss).
-    _, nll_BL, correct_BL = losses.tied_cross_entropy(x_BLD, params["wte"]["embedding"],
+    _, nll_BL, correct_BL = losses.tied_cross_entropy(x_BLD, output_table(params),
                                                       batch["targets"],
                                                       vocab_size=model.config.vocab_size)
     weights_BL = batch["weights"]

@@ -20,26 +20,33 @@ import numpy as np
 
 from data import chat, preferences, sources, tokenizer as tok, tokenizer_io
 from data.errors import DataError
-from models import gpt
 from train import errors, multihost, pretrained, runs, tasks
 from train.errors import ConfigError
+from train.tasks import lm
 
 # The base run's architecture, taken over by configure(): the parameter tree must match.
 SHAPE_KEYS = ("max_len", "num_layers", "d_model", "num_heads", "d_ff", "activation",
               "ln_epsilon", "vocab_multiple", "scan_layers")
+# What a post-training run keeps of its own config.model when its base is of another decoder
+# family (a GPT-shaped experiment file over a Llama-family base): how it trains, not the shape.
+RUN_KEYS = ("dropout_rate", "attention_dropout_rate", "attention", "dtype", "param_dtype",
+            "remat", "query_blocks", "lora_rank", "lora_alpha", "lora_targets")
+# GPT's feed-forward adapter targets and the Llama family's gated equivalents.
+_GATED_TARGETS = {"wi": ("gate", "up"), "wo": ("down",)}
 SIDES = ("chosen", "rejected")
 
 
 # ---- the base run ------------------------------------------------------------------------------
 
 def base_run(config):
-    """(base run config, base tokenizer) of config.init_from, a GPT run folder."""
+    """(base run config, base tokenizer) of config.init_from, a decoder (GPT or Llama-family)
+    run folder."""
     base = runs.read_run_config(config.init_from, "it is --config.init_from; pretrain first: "
                                  "python -m train.main --config=experiments/gpt.py:tiny "
                                  f"--workdir={config.init_from}")
-    if base.model.get("family", "gpt") != "gpt":
-        raise DataError(f"{config.init_from} holds a {base.model.family} run; supervised "
-                        "fine-tuning needs a GPT run folder")
+    if base.model.get("family", "gpt") not in lm.DECODERS:
+        raise DataError(f"{config.init_from} holds a {base.model.family} run; post-training "
+                        f"needs a decoder run folder ({', '.join(lm.DECODERS)})")
     return base, tokenizer_io.load_run_tokenizer(config.init_from)
 
 
@@ -66,11 +73,28 @@ def configure(config):
                         f"--workdir={init_from})")
     config.init_from = os.path.abspath(init_from)  # LoRA runs point at their base for good
     base, base_tokenizer = base_run(config)
+    if base.model.get("family", "gpt") != config.model.get("family", "gpt"):
+        _adopt_family(config, base)
     for key in SHAPE_KEYS:
         if key in base.model:
             config.model[key] = base.model[key]
     added = 0 if has_chat_tokens(base_tokenizer) else len(chat.CHAT_TOKENS)
     config.model.vocab_size = max(base.model.vocab_size, base_tokenizer.vocab_size + added)
+
+
+def _adopt_family(config, base):
+    """config.model becomes the base's whole model section (its family's fields), keeping
+    this run's RUN_KEYS; GPT's wi / wo adapter targets become gate, up / down."""
+    model = base.model.to_dict()
+    for key in RUN_KEYS:
+        if key in config.model:
+            model[key] = config.model[key]
+    targets = [t.strip() for t in str(model.get("lora_targets", "")).split(",") if t.strip()]
+    if model.get("family") == "llama":
+        targets = [g for t in targets for g in _GATED_TARGETS.get(t, (t,))]
+        model["lora_targets"] = ",".join(dict.fromkeys(targets))
+    with config.unlocked():
+        config.model = type(config.model)(model)
 
 
 def new_token_rows(base_tokenizer) -> dict:
@@ -96,16 +120,19 @@ def base_params(config) -> dict:
     params, _ = runs.restore_params(base, config.init_from, tasks.get(base.task),
                                     merge_lora=True)
     params = jax.device_get(params)
-    table = np.asarray(params["wte"]["embedding"])
-    rows = gpt.GPTConfig.from_config(config.model).table_size
-    if rows < table.shape[0]:
-        raise errors.CheckpointMismatchError(
-            f"{config.init_from} has {table.shape[0]} token rows, more than this run's {rows}")
-    grown = np.zeros((rows, table.shape[1]), table.dtype)
-    grown[:table.shape[0]] = table
-    for new_id, source_ids in new_token_rows(base_tokenizer).items():
-        grown[new_id] = table[source_ids].mean(axis=0)
-    params["wte"] = dict(params["wte"], embedding=grown)
+    rows = lm.model_config(config).table_size
+    new_rows = new_token_rows(base_tokenizer)
+    # GPT's tied wte; a Llama-family model's embed_tokens and, untied, its lm_head.
+    for name in [n for n in ("wte", "embed_tokens", "lm_head") if n in params]:
+        table = np.asarray(params[name]["embedding"])
+        if rows < table.shape[0]:
+            raise errors.CheckpointMismatchError(f"{config.init_from} has {table.shape[0]} "
+                                                 f"token rows, more than this run's {rows}")
+        grown = np.zeros((rows, table.shape[1]), table.dtype)
+        grown[:table.shape[0]] = table
+        for new_id, source_ids in new_rows.items():
+            grown[new_id] = table[source_ids].mean(axis=0)
+        params[name] = dict(params[name], embedding=grown)
     # In this run's param_dtype (a bf16 base for an fp32 run, or the other way round).
     dtype = jax.numpy.dtype(config.model.param_dtype)
     return jax.tree.map(lambda x: np.asarray(x, dtype), params)

@@ -1,0 +1,110 @@
+"""The Llama family through the command lines: a Qwen3 folder imported, sampled from,
+fine-tuned from and exported (transformers loads the export with our logits), then post-trained
+with every post-training task. (A Llama trained here from scratch and exported with its
+tokenizer: tests/test_hf_cli.py.)"""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tests.test_hf_cli import _our_logits, save_byte_level_tokenizer  # noqa: E402
+from tests.test_cli import run  # noqa: E402
+from train import runs  # noqa: E402
+
+SMOKE = "--config=experiments/llama.py:smoke"
+
+
+@pytest.fixture(scope="module")
+def qwen3_folder(tmp_path_factory, corpus_file):
+    """A Qwen3 folder as the hub has them: config.json, model.safetensors, tokenizer files."""
+    folder = str(tmp_path_factory.mktemp("hf") / "tiny_qwen3")
+    # Qwen's layout: no BOS, <|endoftext|> ends documents and pads.
+    fast = save_byte_level_tokenizer(folder, corpus_file, eos_token="<|endoftext|>",
+                                     pad_token="<|endoftext|>")
+    end = fast.convert_tokens_to_ids("<|endoftext|>")
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        vocab_size=len(fast), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=64,
+        tie_word_embeddings=False, eos_token_id=end, pad_token_id=end)
+    transformers.Qwen3ForCausalLM(config).eval().save_pretrained(folder)
+    return folder
+
+
+def _their_logits(folder, ids):
+    with torch.no_grad():
+        return transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()(
+            torch.tensor(ids)).logits.numpy()
+
+
+def test_an_imported_qwen3_samples_fine_tunes_and_exports(qwen3_folder, corpus_file, tmp_path):
+    workdir = tmp_path / "imported"
+    run("experiments.hf", f"--import_from={qwen3_folder}", f"--workdir={workdir}", SMOKE)
+    saved = json.loads((workdir / "config.json").read_text())["model"]
+    assert saved["family"] == "llama" and saved["qk_norm"] and saved["head_dim"] == 12
+    sample = run("experiments.sample", f"--workdir={workdir}", "--prompt=the king",
+                 "--temperature=0", "--max_new_tokens=8").stdout
+    assert sample.strip()
+    tuned = tmp_path / "tuned"
+    run("train.main", SMOKE, f"--workdir={tuned}", f"--config.init_from=hf:{qwen3_folder}",
+        f"--config.data.source={corpus_file}", "--config.num_train_steps=4",
+        "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2")
+    evals = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert len(evals) == 2 and all(np.isfinite(e["loss"]) for e in evals)
+    exported = tmp_path / "exported"
+    run("experiments.hf", f"--workdir={tuned}", f"--export_to={exported}")
+    assert json.loads((exported / "config.json").read_text())["model_type"] == "qwen3"
+    ids = np.random.default_rng(0).integers(0, 300, (2, 12))
+    vocab = len(transformers.AutoTokenizer.from_pretrained(str(exported)))
+    ours, theirs = _our_logits(tuned, ids), _their_logits(exported, ids)
+    assert theirs.shape[-1] == vocab
+    assert np.abs(ours[..., :vocab] - theirs).max() <= 1e-5
+    assert np.abs(_our_logits(workdir, ids)[..., :vocab] - theirs).max() > 1e-4  # it trained
+
+
+def test_post_training_starts_from_an_imported_qwen3(qwen3_folder, tmp_path):
+    """SFT with LoRA over the gated feed-forward, then DPO and GRPO from the SFT run: the
+    GPT-shaped experiment files take the imported run's Llama-family architecture."""
+    from tests.test_sft_cli import write_sft_files
+    imported, sft = tmp_path / "imported", tmp_path / "sft"
+    run("experiments.hf", f"--import_from={qwen3_folder}", f"--workdir={imported}", SMOKE)
+    files = write_sft_files(tmp_path, n_train=40, n_dev=8)
+    run("train.main", "--config=experiments/gpt_sft.py:smoke", f"--workdir={sft}",
+        f"--config.init_from={imported}", f"--config.data.source={files[0]}",
+        f"--config.data.eval_source={files[1]}", "--config.model.lora_rank=4",
+        "--config.num_train_steps=4", "--config.eval_every_steps=4")
+    model = json.loads((sft / "config.json").read_text())["model"]
+    assert model["family"] == "llama" and model["qk_norm"] and model["lora_rank"] == 4
+    assert model["lora_targets"] == "query,key,value,out,gate,up,down"
+    _, _, params, _ = runs.load_run(str(sft))
+    assert "lora_a" in params["layer_0"]["mlp"]["gate"]
+    reply = run("experiments.chat", f"--workdir={sft}", "--prompt=Whose son was Abel?",
+                "--max_new_tokens=4")
+    assert reply.returncode == 0
+    # DPO, the reward model, PPO and GRPO, each from the SFT run (its LoRA base merged).
+    from tests.train.conftest import write_pairs, write_prompts
+    pairs = (write_pairs(tmp_path / "pairs.jsonl", 24, 0), write_pairs(tmp_path / "dev.jsonl",
+                                                                      8, 1))
+    prompts = (write_prompts(tmp_path / "prompts.jsonl", 16, 0),
+               write_prompts(tmp_path / "dev_prompts.jsonl", 8, 1))
+    steps = ["--config.num_train_steps=2", "--config.eval_every_steps=2",
+             "--config.log_every_steps=1"]
+    for experiment, files, extra in (
+            ("gpt_dpo", pairs, []), ("gpt_reward", pairs, []),
+            ("gpt_ppo", prompts, ["--config.rl.reward=fn:tests.train.test_ppo:word_reward"]),
+            ("gpt_grpo", prompts, ["--config.rl.reward=fn:tests.train.test_ppo:word_reward",
+                                   "--config.model.lora_rank=4"])):
+        workdir = tmp_path / experiment
+        run("train.main", f"--config=experiments/{experiment}.py:smoke", f"--workdir={workdir}",
+            f"--config.init_from={sft}", f"--config.data.source={files[0]}",
+            f"--config.data.eval_source={files[1]}", *steps, *extra)
+        saved = json.loads((workdir / "config.json").read_text())["model"]
+        assert saved["family"] == "llama", experiment
+        records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text()
+                   .splitlines()]
+        assert any(r.get("split") == "eval" for r in records), experiment
+        assert all(np.isfinite(r["loss"]) for r in records if "loss" in r), experiment
