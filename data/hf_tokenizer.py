@@ -24,7 +24,9 @@ from data import tokenizer as tok
 from data.errors import DataError
 
 MARIAN_FILES = ("source.spm", "target.spm", "vocab.json")
-CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "config.json")
+CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "config.json",
+                "generation_config.json")
+TEMPLATE_FILE = "chat_template.jinja"  # where newer folders keep the chat template
 _LOOKED_FOR = "tokenizer.json, vocab.txt (BERT) or source.spm + target.spm + vocab.json (Marian)"
 
 # What transformers' tokenizer classes assume when tokenizer_config.json names no token.
@@ -38,8 +40,13 @@ _DEFAULTS = {"BertTokenizer": _BERT, "GPT2Tokenizer": _GPT2, "MarianTokenizer": 
 class HFTokenizer(tok.BaseTokenizer):
     """A `tokenizers` library tokenizer (tokenizer.json, or BERT's vocab.txt) and its ids."""
 
-    def __init__(self, path: str, backend: tokenizers.Tokenizer, ids: dict, files: list[str]):
+    def __init__(self, path: str, backend: tokenizers.Tokenizer, ids: dict, files: list[str],
+                 chat_template: str | None = None, stop_ids: tuple = ()):
         self.path = path
+        # The checkpoint's Jinja chat template (data/chat_template.py), None when it has none;
+        # stop_ids: generation_config.json's eos_token_id(s), where generation may end.
+        self.chat_template = chat_template
+        self.stop_ids = stop_ids
         self._tk = backend
         self._tk.no_truncation()  # a tokenizer.json may carry BERT's 512-token truncation
         self._tk.no_padding()
@@ -73,6 +80,10 @@ class HFTokenizer(tok.BaseTokenizer):
 
     def decode(self, ids) -> str:
         return self._tk.decode(self._kept(ids), skip_special_tokens=True)
+
+    def backend_json(self) -> str:
+        """tokenizer.json of the `tokenizers` backend (data/chat_template.py builds on it)."""
+        return self._tk.to_str()
 
     def id_to_piece(self, i: int) -> str:
         return self._tk.id_to_token(int(i)) or ""
@@ -113,7 +124,8 @@ class HFTokenizer(tok.BaseTokenizer):
         config["split_special_tokens"] = True
         files = {"tokenizer.json": backend.to_str(),
                  "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False)}
-        for name in ("special_tokens_map.json", "config.json"):
+        for name in ("special_tokens_map.json", "config.json", "generation_config.json",
+                     TEMPLATE_FILE):
             if name in self._files:
                 with open(os.path.join(self.path, name), encoding="utf-8") as f:
                     files[name] = f.read()
@@ -221,7 +233,30 @@ def load_hf_tokenizer(directory: str):
     ids = _special_ids(directory, configs, named, backend.token_to_id)
     if configs["tokenizer_config.json"].get("split_special_tokens") is True:
         backend.encode_special_tokens = True  # special tokens in text stay plain text
-    return HFTokenizer(directory, backend, ids, files)
+    template = _chat_template(directory, configs["tokenizer_config.json"])
+    if has(TEMPLATE_FILE):
+        files.append(TEMPLATE_FILE)
+    stops = configs["generation_config.json"].get("eos_token_id")
+    stops = tuple(i for i in (stops if isinstance(stops, list) else [stops])
+                  if isinstance(i, int))
+    return HFTokenizer(directory, backend, ids, files, template, stops)
+
+
+def _chat_template(directory, config) -> str | None:
+    """The folder's chat template: chat_template.jinja, or tokenizer_config.json's
+    chat_template (a string, or a list of named ones of which "default" is taken)."""
+    path = os.path.join(directory, TEMPLATE_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise DataError(f"{directory}/tokenizer_config.json: chat_template is not a string (or "
+                        "a list with a 'default' entry); download it again")
+    return template or None
 
 
 def _read_json(directory, name):

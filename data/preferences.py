@@ -95,12 +95,13 @@ def bible_pairs(db_path: str, version: str = "4") -> tuple[list[Pair], list[Pair
     return wrong_answer_pairs(train), wrong_answer_pairs(dev)
 
 
-def render_pairs(pairs: list[Pair], tokenizer, ids, max_len: int) -> tuple[dict, dict]:
+def render_pairs(pairs: list[Pair], fmt, max_len: int) -> tuple[dict, dict]:
     """Rows chosen_<key> and rejected_<key> (data/chat.py pack's keys, one conversation a
-    row, row i of both from pairs[i]) and the figures of the chosen side."""
+    row, row i of both from pairs[i], rendered in the chat format `fmt`) and the figures of
+    the chosen side."""
     rows, stats = {}, {}
     for side in ("chosen", "rejected"):
-        examples = [(*chat.render(getattr(p, side), tokenizer, ids), p.where) for p in pairs]
+        examples = [(*fmt.render(getattr(p, side)), p.where) for p in pairs]
         side_rows, side_stats = chat.pack(examples, max_len, packing=False)
         rows.update({f"{side}_{key}": side_rows[key] for key in ROW_KEYS})
         stats[side] = side_stats

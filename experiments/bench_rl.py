@@ -15,6 +15,7 @@ with its KV cache, fp32, torch on the same threads.
 """
 import resource
 import time
+import types
 
 import numpy as np
 from absl import app, flags
@@ -68,7 +69,8 @@ def build_step(lora_rank):
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
         state = s.init_fn(jax.random.key(0))
         full = step_lib.full_params(state.params, state.frozen)
-        data = {"tokenizer": _Tokens(), "chat_ids": {"end": config.model.vocab_size - 1},
+        end = types.SimpleNamespace(end_id=config.model.vocab_size - 1)  # a chat format's end
+        data = {"tokenizer": _Tokens(), "chat": end,
                 "train_text": ([""] * FLAGS.batch, [("7",)] * FLAGS.batch),
                 "reward": rewards.load_reward(config, None)}
         if not lora_rank:

@@ -37,23 +37,23 @@ class Chat:
     def __init__(self, config, tokenizer, params, *, system="", max_new_tokens=64,
                  temperature=0.0, top_k=0, top_p=1.0, seed=0):
         self.config, self.tokenizer, self.params = config, tokenizer, params
-        self.ids = chat.chat_token_ids(tokenizer)
+        self.format = chat.chat_format(tokenizer)  # the checkpoint's template, or our tokens
         self.turns = [("system", system)] if system else []
         self.max_new_tokens = min(max_new_tokens, config.model.max_len - 8)
         self.rng = jax.random.key(seed)
         self._generate = jax.jit(functools.partial(
             gpt.generate, lm.build_model(config, decode=True),
             max_new_tokens=self.max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, eos_id=self.ids["end"]))
+            top_p=top_p, eos_id=self.format.stop_ids))
 
     def prompt(self) -> list[int]:
         """The tokens the reply continues, oldest turns dropped until it fits the context."""
         room = self.config.model.max_len - self.max_new_tokens
         turns = list(self.turns)
-        ids = chat.prompt_tokens(turns, self.tokenizer, self.ids)
+        ids = self.format.prompt(turns)
         while len(ids) > room and len(turns) > 1:
             turns.pop(1 if turns[0][0] == "system" and len(turns) > 2 else 0)
-            ids = chat.prompt_tokens(turns, self.tokenizer, self.ids)
+            ids = self.format.prompt(turns)
         if len(ids) > room:
             raise DataError(f"the message is {len(ids)} tokens but the model's context leaves "
                             f"{room} for it; shorten it")
@@ -65,7 +65,8 @@ class Chat:
         self.rng, rng = jax.random.split(self.rng)
         out = jax.device_get(self._generate(self.params, jnp.asarray([ids], jnp.int32), rng))
         row = out[0].tolist()
-        row = row[:row.index(self.ids["end"])] if self.ids["end"] in row else row
+        stops = [i for i, t in enumerate(row) if t in self.format.stop_ids]
+        row = row[:stops[0]] if stops else row
         answer = self.tokenizer.decode(row).strip()
         self.turns.append(("assistant", answer))
         return answer

@@ -56,7 +56,7 @@ def sample_pairs(config, data, out_dir):
     from train.rl import rollout
 
     group = config.rl.group_size = 4
-    end_id, tokenizer = data["chat_ids"]["end"], data["tokenizer"]
+    end_id, tokenizer = data["chat"].end_id, data["tokenizer"]
     params = jax.device_put(data["reference_weights"])
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     sample = rollout.make_rollout_fn(config, end_id, NamedSharding(mesh, PartitionSpec()))

@@ -38,12 +38,12 @@ def main(argv):
         train, dev = sft.conversations(config)
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = posttrain.load_tokenizer(config, tmp, train)
-        ids = chat.chat_token_ids(tokenizer)
+        fmt = chat.chat_format(tokenizer)
         for conv in train[:FLAGS.show_example]:
             print(f"--- {conv.where} ---")
-            print(chat.show(conv, tokenizer, ids))
+            print(fmt.show(conv))
         for name, convs in (("train", train), ("dev", dev)):
-            _, stats = chat.pack(sft.render_all(convs, tokenizer, ids), config.data.max_len,
+            _, stats = chat.pack(sft.render_all(convs, fmt), config.data.max_len,
                                  packing=config.data.packing)
             print(f"{name}: {stats['examples']} conversations in {stats['rows']} rows of "
                   f"{config.data.max_len} | filled {100 * stats['fill']:.1f}% | loss on "

@@ -76,7 +76,9 @@ def sample(logits_fn, cache, prompt_BP, rng, *, max_new_tokens, temperature=1.0,
     """Continues each prompt row by `max_new_tokens` tokens; returns B,max_new_tokens.
 
     The prompt is fed in one call (filling the KV cache), then one token per scan step. After a
-    row emits `eos_id`, it keeps emitting `eos_id` (callers cut there). Callers jit this with
+    row emits `eos_id`, it keeps emitting `eos_id` (callers cut there). `eos_id` may be a tuple
+    of stop ids (a chat template's end of turn and the checkpoint's EOS): a row stops at any of
+    them and then repeats the first. Callers jit this with
     their parameters as an argument that `logits_fn` closes over inside the traced function.
     `prefill_fn`, with logits_fn's signature, makes that prompt call instead of logits_fn: a
     model can then mask left-padded prompts of different lengths (models/gpt.generate). The
@@ -88,6 +90,7 @@ def sample(logits_fn, cache, prompt_BP, rng, *, max_new_tokens, temperature=1.0,
     Entries after a row's `eos_id` are those of the repeated `eos_id`: callers mask them.
     """
     pick = functools.partial(next_token, temperature=temperature, top_k=top_k, top_p=top_p)
+    stops = jnp.asarray(eos_id if isinstance(eos_id, (tuple, list)) else (eos_id,), jnp.int32)
     scale = temperature if temperature > 0 else 1.0
 
     def logprob(logits_BV, token_B):
@@ -103,8 +106,8 @@ def sample(logits_fn, cache, prompt_BP, rng, *, max_new_tokens, temperature=1.0,
         token_B, done_B, cache = carry
         logits_B1V, cache = logits_fn(token_B[:, None], cache)
         new_B = pick(logits_B1V[:, -1], step_rng)
-        done_B = done_B | (token_B == eos_id)
-        new_B = jnp.where(done_B, eos_id, new_B)
+        done_B = done_B | jnp.any(token_B[:, None] == stops, axis=1)
+        new_B = jnp.where(done_B, stops[0], new_B)
         return (new_B, done_B, cache), (new_B, logprob(logits_B1V[:, -1], new_B))
 
     done_B = jnp.zeros(first_B.shape, bool)

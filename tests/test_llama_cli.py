@@ -10,20 +10,25 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tests.test_hf_cli import _our_logits, save_byte_level_tokenizer  # noqa: E402
+from tests.data.test_chat_template import CHATML, _byte_level  # noqa: E402
+from tests.test_hf_cli import _our_logits  # noqa: E402
 from tests.test_cli import run  # noqa: E402
+from data import tokenizer_io  # noqa: E402
 from train import runs  # noqa: E402
 
 SMOKE = "--config=experiments/llama.py:smoke"
 
 
 @pytest.fixture(scope="module")
-def qwen3_folder(tmp_path_factory, corpus_file):
+def qwen3_folder(tmp_path_factory):
     """A Qwen3 folder as the hub has them: config.json, model.safetensors, tokenizer files."""
     folder = str(tmp_path_factory.mktemp("hf") / "tiny_qwen3")
-    # Qwen's layout: no BOS, <|endoftext|> ends documents and pads.
-    fast = save_byte_level_tokenizer(folder, corpus_file, eos_token="<|endoftext|>",
-                                     pad_token="<|endoftext|>")
+    # Qwen's layout: no BOS, <|endoftext|> ends documents and pads, ChatML turns and template.
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=_byte_level(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]),
+        eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
     end = fast.convert_tokens_to_ids("<|endoftext|>")
     torch.manual_seed(0)
     config = transformers.Qwen3Config(
@@ -80,11 +85,24 @@ def test_post_training_starts_from_an_imported_qwen3(qwen3_folder, tmp_path):
     model = json.loads((sft / "config.json").read_text())["model"]
     assert model["family"] == "llama" and model["qk_norm"] and model["lora_rank"] == 4
     assert model["lora_targets"] == "query,key,value,out,gate,up,down"
+    # The checkpoint's chat template is the format: no chat tokens added, ChatML prompts.
+    tokenizer = tokenizer_io.load_run_tokenizer(str(sft))
+    assert model["vocab_size"] == tokenizer.vocab_size == len(
+        transformers.AutoTokenizer.from_pretrained(qwen3_folder))
+    predictions = (sft / "eval_generations.jsonl").read_text()
+    assert predictions.strip()
     _, _, params, _ = runs.load_run(str(sft))
     assert "lora_a" in params["layer_0"]["mlp"]["gate"]
     reply = run("experiments.chat", f"--workdir={sft}", "--prompt=Whose son was Abel?",
                 "--max_new_tokens=4")
     assert reply.returncode == 0
+    # Merged and exported, the LoRA run is a Qwen3 folder transformers runs with our logits.
+    merged, exported = tmp_path / "merged", tmp_path / "exported"
+    run("experiments.merge_lora", f"--workdir={sft}", f"--out={merged}")
+    run("experiments.hf", f"--workdir={merged}", f"--export_to={exported}")
+    ids = np.random.default_rng(2).integers(0, tokenizer.vocab_size, (2, 12))
+    ours, theirs = _our_logits(sft, ids), _their_logits(exported, ids)
+    assert np.abs(ours[..., :theirs.shape[-1]] - theirs).max() <= 1e-5
     # DPO, the reward model, PPO and GRPO, each from the SFT run (its LoRA base merged).
     from tests.train.conftest import write_pairs, write_prompts
     pairs = (write_pairs(tmp_path / "pairs.jsonl", 24, 0), write_pairs(tmp_path / "dev.jsonl",

@@ -138,7 +138,7 @@ def test_sampler_and_trainer_log_probs_agree_padded_or_alone(rl_base, tmp_path):
     data = ppo.prepare_data(config, str(tmp_path))
     params = jax.tree.map(jnp.asarray, data["reference_weights"])
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    sample = rollout.make_rollout_fn(config, data["chat_ids"]["end"],
+    sample = rollout.make_rollout_fn(config, data["chat"].end_id,
                                 NamedSharding(mesh, PartitionSpec()))
     rows = {k: v[:8] for k, v in data["train_rows"].items()}
     lengths = rows["prompt_valid"].sum(1)
@@ -150,7 +150,7 @@ def test_sampler_and_trainer_log_probs_agree_padded_or_alone(rl_base, tmp_path):
         net, p, {"prompt": prompt, "prompt_valid": prompt_valid, "tokens": tokens}, 0.7))
     logp, entropy, _ = token_outputs(params, out["prompt"], out["prompt_valid"], out["tokens"])
     mask = np.asarray(jax.jit(advantages.response_mask, static_argnums=1)(
-        jnp.asarray(out["tokens"]), data["chat_ids"]["end"]))
+        jnp.asarray(out["tokens"]), data["chat"].end_id))
     error = np.abs(np.asarray(logp) - out["old_logp"]) * mask
     assert error.max() < 1e-5
     assert np.all(np.asarray(entropy) > 0)
@@ -173,7 +173,7 @@ def test_the_update_alone_moves_the_policy_and_reverts_a_non_finite_step(rl_base
                                    "rl.kl_horizon": 100})
     ppo.configure(config)
     data = ppo.prepare_data(config, str(tmp_path))
-    end_id = data["chat_ids"]["end"]
+    end_id = data["chat"].end_id
     reference = jax.tree.map(jnp.asarray, data["reference_weights"])
     d = config.model.d_model
     params = dict(reference, **{settings.VALUE_HEAD: {"kernel": jnp.zeros((d, 1)),

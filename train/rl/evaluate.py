@@ -33,7 +33,7 @@ def eval_fns(params, data, config):
     sampler (data["rollout_fn"], unless the train step made it), replicated."""
     if "eval_fn" in data:
         return
-    rl, end_id = config.rl, data["chat_ids"]["end"]
+    rl, end_id = config.rl, data["chat"].end_id
     mesh = jax.tree.leaves(params)[0].sharding.mesh
     net, lora = lm.build_model(config), step_lib.uses_lora(config)
 
@@ -51,7 +51,7 @@ def evaluate_predictions(params, data, config, workdir) -> dict:
     """Sampled answers to the dev prompts: mean score, KL to the reference (summed sampled k1
     per response), response length, share cut at the limit; the samples in SAMPLES_FILE."""
     rl, rows_all = config.rl, data["dev_rows"]
-    end_id, tokenizer = data["chat_ids"]["end"], data["tokenizer"]
+    end_id, tokenizer = data["chat"].end_id, data["tokenizer"]
     eval_fns(params, data, config)
     scores, kls, lengths, cut, samples = [], [], [], [], []
     rng = jax.random.key(config.seed + 1)

@@ -81,7 +81,7 @@ def load_reward_model(run, config, tokenizer):
                         "it from the same base run (config.init_from)")
     net = task.build_model(rconfig)
     length = rconfig.data.max_len
-    end_id = chat.chat_token_ids(tokenizer)["end"]
+    end_id = chat.chat_format(tokenizer).end_id
     score_fn = jax.jit(lambda p, rows: reward.scores(net, p, rows))
 
     def score(questions, responses, refs, prompt_ids, response_ids):

@@ -109,12 +109,12 @@ def prepare_data(config, workdir) -> dict:
     train, dev = posttrain.train_and_dev(config, preferences.bible_pairs,
                                          preferences.read_pairs)
     tokenizer = posttrain.load_tokenizer(config, workdir, [])
-    ids = chat.chat_token_ids(tokenizer)
-    train_rows, train_info = preferences.render_pairs(train, tokenizer, ids, d.max_len)
-    eval_rows, eval_info = preferences.render_pairs(dev, tokenizer, ids, d.max_len)
+    fmt = chat.chat_format(tokenizer)
+    train_rows, train_info = preferences.render_pairs(train, fmt, d.max_len)
+    eval_rows, eval_info = preferences.render_pairs(dev, fmt, d.max_len)
     n_gen = len(dev) if not d.eval_generations else min(d.eval_generations, len(dev))
     # Generated answers to the dev prompts, scored against the chosen response (sft's eval).
-    dev_prompts = [(chat.prompt_tokens(p.chosen.turns[:-1], tokenizer, ids),
+    dev_prompts = [(fmt.prompt(p.chosen.turns[:-1]),
                     (p.chosen.turns[-1][1],), p.chosen.turns[-2][1]) for p in dev[:n_gen]]
     info = {"train_pairs": train_info["pairs"], "dev_pairs": eval_info["pairs"],
             "truncated_responses": train_info["truncated"], "reference": reference_mode(config),
@@ -122,7 +122,7 @@ def prepare_data(config, workdir) -> dict:
     if reference_mode(config) == "precomputed":
         train_rows, eval_rows = reference_logps(config, workdir, train_rows, eval_rows)
     return {"train_rows": train_rows, "eval_rows": eval_rows, "tokenizer": tokenizer,
-            "chat_ids": ids, "dev_prompts": dev_prompts, "info": info}
+            "chat": fmt, "dev_prompts": dev_prompts, "info": info}
 
 
 # ---- log-probabilities -------------------------------------------------------------------------

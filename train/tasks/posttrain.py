@@ -51,6 +51,9 @@ def base_run(config):
 
 
 def has_chat_tokens(tokenizer) -> bool:
+    """Whether the tokenizer needs no chat tokens added: it has them, or a chat template."""
+    if chat.uses_template(tokenizer):
+        return True
     try:
         chat.chat_token_ids(tokenizer)
         return True

@@ -97,8 +97,8 @@ def bench_batch(config):
 
 # ---- data --------------------------------------------------------------------------------------
 
-def _split(conversations, tokenizer, ids):
-    return ([chat.prompt_tokens(c.turns[:-1], tokenizer, ids) for c in conversations],
+def _split(conversations, fmt):
+    return ([fmt.prompt(c.turns[:-1]) for c in conversations],
             [c.turns[-2][1] if len(c.turns) > 1 else "" for c in conversations],
             [tuple(c.answers) for c in conversations])
 
@@ -114,14 +114,14 @@ def prepare_data(config, workdir) -> dict:
                         f"prompt in config.data.max_len={d.max_len}; lower it")
     train, dev = posttrain.train_and_dev(config, chat.bible_qa, chat.read_conversations)
     tokenizer = posttrain.load_tokenizer(config, workdir, [])
-    ids = chat.chat_token_ids(tokenizer)
+    fmt = chat.chat_format(tokenizer)
     pad_id, width = tokenizer.pad_id or 0, settings.prompt_width(config)
     n_dev = len(dev) if not d.eval_generations else min(d.eval_generations, len(dev))
-    train_prompts, train_questions, train_refs = _split(train, tokenizer, ids)
-    dev_prompts, dev_questions, dev_refs = _split(dev[:n_dev], tokenizer, ids)
+    train_prompts, train_questions, train_refs = _split(train, fmt)
+    dev_prompts, dev_questions, dev_refs = _split(dev[:n_dev], fmt)
     data = {
         "train_rows": rollout.prompt_rows(train_prompts, width, pad_id),
-        "eval_rows": None, "tokenizer": tokenizer, "chat_ids": ids,
+        "eval_rows": None, "tokenizer": tokenizer, "chat": fmt,
         "train_text": (train_questions, train_refs),
         "dev_rows": rollout.prompt_rows(dev_prompts, width, pad_id),
         "dev_text": (dev_questions, dev_refs),
@@ -146,7 +146,7 @@ def place_reference(weights, shardings):
 def make_train_step(setup, config, data):
     """train_step(state, batch, rng): rollout (jitted), reward (host), update (jitted)."""
     rl, tokenizer = config.rl, data["tokenizer"]
-    end_id = data["chat_ids"]["end"]
+    end_id = data["chat"].end_id
     group = 1 if settings.has_value_head(config) else rl.group_size  # PPO: the value head
     if not step_lib.uses_lora(config):
         data["reference"] = place_reference(data.pop("reference_weights"),

@@ -62,13 +62,13 @@ def prepare_data(config, workdir) -> dict:
     train, dev = posttrain.train_and_dev(config, preferences.bible_pairs,
                                          preferences.read_pairs)
     tokenizer = posttrain.load_tokenizer(config, workdir, [])
-    ids = chat.chat_token_ids(tokenizer)
-    train_rows, train_info = preferences.render_pairs(train, tokenizer, ids, config.data.max_len)
-    eval_rows, eval_info = preferences.render_pairs(dev, tokenizer, ids, config.data.max_len)
+    fmt = chat.chat_format(tokenizer)
+    train_rows, train_info = preferences.render_pairs(train, fmt, config.data.max_len)
+    eval_rows, eval_info = preferences.render_pairs(dev, fmt, config.data.max_len)
     info = {"train_pairs": train_info["pairs"], "dev_pairs": eval_info["pairs"],
             "truncated_responses": train_info["truncated"]}
     return {"train_rows": train_rows, "eval_rows": eval_rows, "tokenizer": tokenizer,
-            "chat_ids": ids, "info": info}
+            "chat": fmt, "info": info}
 
 
 def loss_fn(params, batch, rng, *, model, train):

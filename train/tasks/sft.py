@@ -43,8 +43,9 @@ def conversations(config):
     return posttrain.train_and_dev(config, chat.bible_qa, chat.read_conversations)
 
 
-def render_all(convs, tokenizer, ids):
-    return [(*chat.render(conv, tokenizer, ids), conv.where) for conv in convs]
+def render_all(convs, fmt):
+    """(tokens, loss mask, where) of each conversation in the chat format `fmt`."""
+    return [(*fmt.render(conv), conv.where) for conv in convs]
 
 
 def prepare_data(config, workdir) -> dict:
@@ -53,24 +54,22 @@ def prepare_data(config, workdir) -> dict:
     posttrain.check_lengths(config)
     train, dev = conversations(config)
     tokenizer = posttrain.load_tokenizer(config, workdir, train)
-    ids = chat.chat_token_ids(tokenizer)
-    train_rows, train_stats = chat.pack(render_all(train, tokenizer, ids), d.max_len,
-                                        packing=d.packing)
-    eval_rows, eval_stats = chat.pack(render_all(dev, tokenizer, ids), d.max_len,
-                                      packing=d.packing)
+    fmt = chat.chat_format(tokenizer)
+    train_rows, train_stats = chat.pack(render_all(train, fmt), d.max_len, packing=d.packing)
+    eval_rows, eval_stats = chat.pack(render_all(dev, fmt), d.max_len, packing=d.packing)
     if train_stats["truncated"]:
         print(f"note: {train_stats['truncated']} of {train_stats['examples']} training "
               f"conversations are longer than max_len={d.max_len} and were cut from the "
               "prompt side", file=sys.stderr)
     n_gen = len(dev) if not d.eval_generations else min(d.eval_generations, len(dev))
-    dev_prompts = [(chat.prompt_tokens(conv.turns[:-1], tokenizer, ids), conv.answers,
+    dev_prompts = [(fmt.prompt(conv.turns[:-1]), conv.answers,
                     conv.turns[-2][1] if len(conv.turns) > 1 else "") for conv in dev[:n_gen]]
     info = {"train_conversations": train_stats["examples"], "train_rows": train_stats["rows"],
             "truncated_share": round(train_stats["truncated_share"], 4),
             "loss_token_share": round(train_stats["loss_token_share"], 4),
             "dev_conversations": eval_stats["examples"], "dev_generations": n_gen}
     return {"train_rows": train_rows, "eval_rows": eval_rows, "tokenizer": tokenizer,
-            "chat_ids": ids, "dev_prompts": dev_prompts, "info": info}
+            "chat": fmt, "dev_prompts": dev_prompts, "info": info}
 
 
 # ---- evaluation by generation -----------------------------------------------------------------
@@ -107,7 +106,7 @@ def evaluate_predictions(params, data, config, workdir) -> dict:
     """Exact match and token F1 (%) of generated dev answers; writes PREDICTIONS_FILE."""
     if not data["dev_prompts"]:
         return {}
-    d, end_id, tokenizer = config.data, data["chat_ids"]["end"], data["tokenizer"]
+    d, end_id, tokenizer = config.data, data["chat"].end_id, data["tokenizer"]
     if "generate_fn" not in data:
         data["generate_fn"] = make_generate_fn(params, config, end_id, d.max_new_tokens,
                                                d.eval_temperature)
