@@ -21,7 +21,7 @@ $(TEST_STAMP): $(STAMP) requirements-test.txt
 	rm -f $(VENV)/.test-installed-* && touch $(TEST_STAMP)
 
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 demo: $(STAMP)
 	$(PY) -m train.main --config=experiments/gpt.py:tiny --workdir=$(DEMO_DIR)

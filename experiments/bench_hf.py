@@ -1,11 +1,13 @@
-"""Import time and peak host memory of a Hugging Face GPT-2 folder: ours against transformers.
+"""Import time and peak host memory of a Hugging Face folder: ours against transformers.
 
   python -m experiments.bench_hf --sizes=124m,774m
+  python -m experiments.bench_hf --sizes=qwen3_0_6b
 
-For each size a randomly initialised GPT2LMHeadModel is saved once (safetensors, fp32) under
---cache_dir; then, each in a fresh process so the peaks do not mix, (a) our import
-(train/pretrained.py: header checks, then every tensor placed on the devices) and (b)
-transformers' GPT2LMHeadModel.from_pretrained in torch load it, then read every parameter
+For each size a randomly initialised GPT2LMHeadModel (124m, 350m, 774m) or Qwen3ForCausalLM
+(qwen3_0_6b, Qwen3-0.6B's shape) is saved once (safetensors, fp32) under --cache_dir; then,
+each in a fresh process so the peaks do not mix, (a) our import (train/pretrained.py: header
+checks, then every tensor placed on the devices) and (b) transformers'
+AutoModelForCausalLM.from_pretrained in torch load it, then read every parameter
 once (from_pretrained memory-maps the file, so the weights only come into memory when first
 used). The file is read into the page cache first. Reported: wall time and the
 growth of the peak resident set (ru_maxrss) over the process's size just before loading,
@@ -22,7 +24,8 @@ from absl import flags
 
 from train import cli
 
-flags.DEFINE_string("sizes", "124m,774m", "Comma-separated GPT-2 sizes: 124m, 350m, 774m.")
+flags.DEFINE_string("sizes", "124m,774m", "Comma-separated sizes: GPT-2's 124m, 350m, 774m; "
+                    "qwen3_0_6b.")
 flags.DEFINE_string("cache_dir", "/tmp/bench_hf", "Where the random checkpoints are saved.")
 flags.DEFINE_integer("repeats", 2, "Timed loads per side (the fastest is reported).")
 flags.DEFINE_string("side", "", "Internal: run one measurement (ours | torch) and print JSON.")
@@ -30,17 +33,27 @@ flags.DEFINE_string("folder", "", "Internal: the folder to load.")
 FLAGS = flags.FLAGS
 cli.at_least("repeats", 1)
 
-SHAPES = {"124m": (12, 768, 12), "350m": (24, 1024, 16), "774m": (36, 1280, 20)}
+SHAPES = {"124m": (12, 768, 12), "350m": (24, 1024, 16), "774m": (36, 1280, 20),
+          "qwen3_0_6b": None}
 
 
 def _make_folder(size):
-    folder = os.path.join(FLAGS.cache_dir, f"gpt2_{size}")
+    folder = os.path.join(FLAGS.cache_dir, f"gpt2_{size}" if SHAPES[size] else size)
     if os.path.exists(os.path.join(folder, "model.safetensors")):
         return folder
     import torch
     import transformers
-    layers, width, heads = SHAPES[size]
     torch.manual_seed(0)
+    if SHAPES[size] is None:  # Qwen/Qwen3-0.6B's config.json
+        config = transformers.Qwen3Config(
+            vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+            num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+            max_position_embeddings=40960, rope_parameters={"rope_type": "default",
+                                                            "rope_theta": 1000000.0},
+            tie_word_embeddings=True)
+        transformers.Qwen3ForCausalLM(config).save_pretrained(folder)
+        return folder
+    layers, width, heads = SHAPES[size]
     config = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=heads)
     transformers.GPT2LMHeadModel(config).save_pretrained(folder)
     return folder
@@ -62,12 +75,13 @@ def _measure(side, folder):
     """One load in this process: seconds and peak-RSS growth in MiB."""
     if side == "ours":
         import jax
-        from experiments import gpt as gpt_exp
+        from experiments import gpt as gpt_exp, llama as llama_exp
         from train import pretrained, step, tasks
         jax.numpy.zeros(1).block_until_ready()  # the backend's own memory, before the base
+        llama = "gpt2_" not in os.path.basename(folder)
 
         def load():
-            config = gpt_exp.get_config("gpt2")
+            config = llama_exp.get_config("smoke") if llama else gpt_exp.get_config("gpt2")
             config.init_from = "hf:" + folder
             pretrained.configure(config)
             s = step.build(tasks.get("lm"), config, mesh_config={"data": -1})
@@ -81,7 +95,7 @@ def _measure(side, folder):
         def load():
             # from_pretrained memory-maps the file; summing every parameter reads it in, as
             # the first forward pass would, so both sides end with the weights in memory.
-            model = transformers.GPT2LMHeadModel.from_pretrained(folder)
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder)
             with torch.no_grad():
                 sum(float(p.sum()) for p in model.parameters())
             return model
@@ -116,10 +130,10 @@ def main(argv):
                                  capture_output=True, text=True, check=True)
             result[side] = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append((size, weights_mib, result))
-    print(f"{'size':>5} {'weights MiB':>11} {'ours s':>7} {'torch s':>8} {'speed-up':>8} "
+    print(f"{'size':>10} {'weights MiB':>11} {'ours s':>7} {'torch s':>8} {'speed-up':>8} "
           f"{'ours peak/weights':>17} {'torch peak/weights':>18}")
     for size, weights, r in rows:
-        print(f"{size:>5} {weights:11.0f} {r['ours']['seconds']:7.2f} "
+        print(f"{size:>10} {weights:11.0f} {r['ours']['seconds']:7.2f} "
               f"{r['torch']['seconds']:8.2f} {r['torch']['seconds'] / r['ours']['seconds']:7.2f}x "
               f"{r['ours']['peak_growth_mib'] / weights:17.2f} "
               f"{r['torch']['peak_growth_mib'] / weights:18.2f}")

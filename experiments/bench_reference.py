@@ -4,9 +4,9 @@ Not part of requirements.txt; run it from a separate environment:
   python -m venv /tmp/hf && /tmp/hf/bin/pip install torch transformers
   /tmp/hf/bin/python experiments/bench_reference.py --preset=bench_small [--compile]
 
-Times GPT2LMHeadModel (AdamW, forward + backward + step, random tokens) at the bench presets'
-shapes, and `generate` with its KV cache (32-token prompt, 128 new tokens, greedy) at batch 1
-and 8, printing the same lines as experiments/bench.py. The bert_bench_* presets time
+Times GPT2LMHeadModel (LlamaForCausalLM for smollm2_135m) (AdamW, forward + backward + step,
+random tokens) at the bench presets' shapes, and `generate` with its KV cache (32-token prompt,
+128 new tokens, greedy) at batch 1 and 8, printing the same lines as experiments/bench.py. The bert_bench_* presets time
 BertForPreTraining (masked-LM labels on 20 positions a row + next-sentence labels), dropout off
 as in experiments/bert.py.
 """
@@ -24,6 +24,7 @@ PRESETS = {  # name: (vocab, layers, d_model, heads, seq, batch), as in experime
     "bert_bench_base": (30522, 12, 768, 12, 128, 8),
     "transformer_bench_small": (8192, 3, 256, 4, 64, 32),
     "transformer_bench_base": (32000, 6, 512, 8, 64, 16),
+    "smollm2_135m": (49152, 30, 576, 9, 256, 4),  # LlamaForCausalLM; experiments/llama.py
 }
 
 
@@ -39,10 +40,18 @@ def main():
         return bench_bert(args, vocab, layers, d_model, heads, seq, batch)
     if args.preset.startswith("transformer"):
         return bench_marian(args, vocab, layers, d_model, heads, seq, batch)
-    config = transformers.GPT2Config(vocab_size=vocab, n_positions=max(seq, 160), n_embd=d_model,
-                                     n_layer=layers, n_head=heads, resid_pdrop=0.0,
-                                     embd_pdrop=0.0, attn_pdrop=0.0)
-    model = transformers.GPT2LMHeadModel(config)
+    if args.preset == "smollm2_135m":  # HuggingFaceTB/SmolLM2-135M's config.json
+        config = transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=d_model, intermediate_size=1536,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=3,
+            max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.GPT2Config(vocab_size=vocab, n_positions=max(seq, 160),
+                                         n_embd=d_model, n_layer=layers, n_head=heads,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = transformers.GPT2LMHeadModel(config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step_model = torch.compile(model) if args.compile else model
     tokens = torch.randint(0, vocab, (batch, seq))

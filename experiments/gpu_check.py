@@ -6,9 +6,10 @@
 Rows: the device; its measured bf16 matmul peak; training (bf16 compute, fp32 master weights,
 AdamW) of GPT-2 124M and 350M at seq 1024 and BERT-base at seq 512, each with tokens/s, MFU
 against the data-sheet bf16 peak and against the measured peak, compile time and peak device
-memory; GPT-2 350M with cuDNN flash attention forced on and off; greedy decoding tokens/s with the
-KV cache. Transformer-base (64 + 64 tokens) runs at a fixed batch of 256 rather than a searched
-largest batch.
+memory; Qwen3-0.6B (the Llama family: GQA, q/k norms, SwiGLU); GPT-2 350M with cuDNN flash
+attention forced on and off, and SmolLM2-135M with a 256-token sliding window through cuDNN;
+greedy decoding tokens/s with the KV cache, GPT-2 124M and SmolLM2-135M. Transformer-base
+(64 + 64 tokens) runs at a fixed batch of 256 rather than a searched largest batch.
 """
 import time
 
@@ -19,6 +20,7 @@ from absl import app, flags
 from experiments import bench
 from experiments import bert as bert_experiment
 from experiments import gpt as gpt_experiment
+from experiments import llama as llama_experiment
 from experiments import transformer as transformer_experiment
 from train import metrics as metrics_lib
 
@@ -33,6 +35,7 @@ CASES = (
     # Not a searched "largest batch that fits": 256 pairs of 64 + 64 tokens is about 15 GiB
     # of activations in bf16, well inside an 80 GB card.
     ("Transformer-base 64/64", transformer_experiment, "transformer_bench_base", 64, 256),
+    ("Qwen3-0.6B", llama_experiment, "qwen3_0_6b", 1024, 8),
 )
 
 
@@ -87,10 +90,16 @@ def main(argv):
         config = _config(gpt_experiment, "gpt2_medium", 1024, 8, attention)
         print(_train_row(f"GPT-2 350M, attention={attention}", config, sheet_peak, measured),
               flush=True)
-    config = _config(gpt_experiment, "gpt2", 1024, 1)
-    rates = [bench.bench_generation(config, b, temperature=0.0) for b in (1, 8)]
-    print(f"| decoding GPT-2 124M, greedy, {FLAGS.prompt_len}+{FLAGS.new_tokens} tokens | batch 1:"
-          f" {rates[0]:,.0f} tok/s | batch 8: {rates[1]:,.0f} tok/s | | | |")
+    config = _config(llama_experiment, "smollm2_135m", 1024, 8, "cudnn")
+    config.model.sliding_window = 256
+    print(_train_row("SmolLM2-135M, window 256, attention=cudnn", config, sheet_peak, measured),
+          flush=True)
+    for name, experiment, preset in (("GPT-2 124M", gpt_experiment, "gpt2"),
+                                     ("SmolLM2-135M", llama_experiment, "smollm2_135m")):
+        config = _config(experiment, preset, 1024, 1)
+        rates = [bench.bench_generation(config, b, temperature=0.0) for b in (1, 8)]
+        print(f"| decoding {name}, greedy, {FLAGS.prompt_len}+{FLAGS.new_tokens} tokens | "
+              f"batch 1: {rates[0]:,.0f} tok/s | batch 8: {rates[1]:,.0f} tok/s | | | |")
     print(f"(gpu_check took {time.time() - t0:.0f}s)")
 
 

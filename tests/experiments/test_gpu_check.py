@@ -15,10 +15,11 @@ def test_gpu_check_smoke_prints_every_row():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     text = "\n".join(rows)
     for needle in ("device", "measured bf16 matmul", "GPT-2 124M", "GPT-2 350M", "BERT-base",
-                   "attention=cudnn", "attention=xla", "Transformer-base", "decoding"):
+                   "attention=cudnn", "attention=xla", "Transformer-base", "Qwen3-0.6B",
+                   "window 256", "decoding GPT-2", "decoding SmolLM2"):
         assert needle in text, needle
     trained = [r for r in rows if "tokens/s" not in r and "%" in r]
-    assert len(trained) >= 4  # 124M, 350M, BERT, xla attention (cuDNN fails on a CPU)
+    assert len(trained) >= 5  # 124M, 350M, BERT, Qwen3, xla attention (cuDNN fails on a CPU)
     for row in trained:
         tokens_per_s = float(row.split("|")[2].replace(",", ""))
         assert tokens_per_s > 0

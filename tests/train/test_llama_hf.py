@@ -98,7 +98,9 @@ def test_logits_match_transformers_on_a_padded_batch(folders, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_greedy_generation_on_left_padded_prompts_gives_transformers_ids(folders, kind):
+def test_greedy_generation_and_import_export_round_trip(folders, kind):
+    """20 greedy tokens on left-padded prompts as transformers gives them, with each step's
+    log-probability; and the imported tensors exported again bit for bit."""
     config, _, params = _load(llama_exp, folders[kind], mesh={"data": -1})
     decode_model = tasks.get("lm").build_model(config, decode=True)
     rng = np.random.default_rng(1)
@@ -126,11 +128,7 @@ def test_greedy_generation_on_left_padded_prompts_gives_transformers_ids(folders
     expected = np.take_along_axis(steps, ours[..., None].astype(np.int64), -1)[..., 0]
     np.testing.assert_allclose(logprobs, expected, atol=1e-5)
 
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_import_then_export_gives_the_same_tensors_bit_for_bit(folders, kind):
     from safetensors.numpy import load_file
-    config, _, params = _load(llama_exp, folders[kind], mesh={"data": -1})
     exported = pretrained.export_tensors(config, params, _logical(config))
     original = load_file(os.path.join(folders[kind], "model.safetensors"))
     assert sorted(exported) == sorted(original)
@@ -139,9 +137,9 @@ def test_import_then_export_gives_the_same_tensors_bit_for_bit(folders, kind):
         assert exported[key].tobytes() == value.tobytes(), key
     with open(os.path.join(folders[kind], "config.json")) as f:
         theirs = json.load(f)
-    ours = hf.hf_config("llama", config.model.to_dict(), {})
-    assert ours["model_type"] == theirs["model_type"]
-    assert ours["architectures"] == theirs["architectures"]
+    written = hf.hf_config("llama", config.model.to_dict(), {})
+    assert written["model_type"] == theirs["model_type"]
+    assert written["architectures"] == theirs["architectures"]
 
 
 # Our runs with each combination of switches a transformers class has.
@@ -215,3 +213,20 @@ def test_fields_we_cannot_represent_are_one_error_naming_them(folders, tmp_path)
     assert "model_type='mixtral' is not supported" in _refusal(folders["mistral"], tmp_path,
                                                                model_type="mixtral")
     assert "softcapping" in _refusal(folders["gemma"], tmp_path, final_logit_softcapping=30.0)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma"])
+def test_bf16_compute_with_fp32_params_stays_close(folders, kind):
+    """bf16 compute over fp32 parameters tracks transformers' fp32 logits (q/k norms, Gemma's
+    (1 + w) norms and scaling in bf16)."""
+    config, model, params = _load(llama_exp, folders[kind], mesh={"data": -1},
+                                  dtype="bfloat16")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    ids, mask = _padded_batch(np.random.default_rng(7))
+    with torch.no_grad():
+        ref = _torch_model("AutoModelForCausalLM", folders[kind])(
+            torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    ours = _forward(model, params, jnp.asarray(ids), None, jnp.asarray(mask))[..., :VOCAB]
+    assert ours.dtype == jnp.bfloat16
+    error = np.abs(np.asarray(ours, np.float32) - ref)[mask.astype(bool)].max()
+    assert error <= 0.05 * np.abs(ref).max() + 0.02, error
