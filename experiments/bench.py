@@ -126,23 +126,12 @@ def bench_generation(config, batch_size, **sampling):
     return batch_size * FLAGS.new_tokens / seconds
 
 
-def kv_cache_bytes_per_token(config, **overrides) -> float:
-    """Bytes the decode model's KV cache takes per cached token (keys and values, every layer),
-    from the cache the model itself allocates (gpt.init_cache's shapes)."""
-    decoder = lm.build_model(config, decode=True, **overrides)
-    length = min(256, config.model.max_len)
-    shapes = jax.eval_shape(lambda: gpt.init_cache(decoder, 1, length))
-    kv = [x for path, x in jax.tree_util.tree_leaves_with_path(shapes)
-          if "cached_key" in jax.tree_util.keystr(path)
-          or "cached_value" in jax.tree_util.keystr(path)]
-    return sum(x.size * x.dtype.itemsize for x in kv) / length
-
-
 def kv_cache_line(config) -> str:
     """The KV cache per token with the config's kv heads against every head cached."""
     m = config.model
-    gqa = kv_cache_bytes_per_token(config)
-    full = kv_cache_bytes_per_token(config, num_kv_heads=m.num_heads)
+    gqa = gpt.cache_bytes_per_token(lm.build_model(config, decode=True))
+    full = gpt.cache_bytes_per_token(lm.build_model(config, decode=True,
+                                                    num_kv_heads=m.num_heads))
     kv_heads = m.num_kv_heads or m.num_heads
     return (f"KV cache ({m.dtype}): {gqa:,.0f} bytes/token with {kv_heads} kv heads vs "
             f"{full:,.0f} with all {m.num_heads} ({gqa / full:.3f}; num_kv_heads / num_heads = "

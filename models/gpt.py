@@ -118,6 +118,17 @@ def init_cache(model: GPT, batch_size: int, length: int = 0):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
+def cache_bytes_per_token(decode_model) -> float:
+    """Bytes the KV cache of `decode_model` (GPT or Llama family) takes per cached token: keys
+    and values of every layer, from the shapes init_cache allocates (grouped-query attention
+    caches only its kv heads)."""
+    length = min(256, decode_model.config.max_len)
+    shapes = jax.eval_shape(lambda: init_cache(decode_model, 1, length))
+    kv = [x for path, x in jax.tree_util.tree_leaves_with_path(shapes)
+          if any(name in jax.tree_util.keystr(path) for name in ("cached_key", "cached_value"))]
+    return sum(x.size * x.dtype.itemsize for x in kv) / length
+
+
 def left_pad(rows: list[list[int]], width: int, pad_id: int):
     """(tokens_BP, valid_BP) int32 numpy: each row right-aligned behind `pad_id`s, valid 1 at
     its tokens and 0 at the padding (generate's prompt_BP and prompt_valid_BP)."""

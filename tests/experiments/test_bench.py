@@ -26,14 +26,3 @@ def test_bench_times_training_then_generation_in_a_child_process():
     assert [g.split(",")[0] for g in generate] == ["generate (greedy", "generate (top-k 40"]
     assert lines.index(train[0]) < lines.index(generate[0])
 
-
-def test_the_kv_cache_of_grouped_query_attention_holds_only_the_kv_heads():
-    """Bytes per cached token read from the cache the decode model allocates: with 2 of 4
-    heads cached it is half of full multi-head attention's, and 2 layers x 2 (K, V) x 2 heads
-    x 8 dims x 4 bytes in fp32."""
-    from experiments import bench, llama
-    config = llama.get_config("smoke")
-    gqa = bench.kv_cache_bytes_per_token(config)
-    assert gqa == 2 * 2 * 2 * 8 * 4
-    assert bench.kv_cache_bytes_per_token(config, num_kv_heads=4) == 2 * gqa
-    assert "(0.500; num_kv_heads / num_heads = 0.500)" in bench.kv_cache_line(config)

@@ -122,3 +122,15 @@ def test_configs_that_cannot_work_are_refused():
         dataclasses.replace(SMALL, rope_type="dynamic")
     with pytest.raises(ValueError, match="'wi' name no projection of the Llama family"):
         dataclasses.replace(SMALL, lora_rank=2, lora_targets="query,wi")
+
+
+def test_the_kv_cache_of_grouped_query_attention_holds_only_the_kv_heads():
+    """Bytes per cached token, read from the cache the decode model allocates: with 2 of 4
+    heads cached, half of full multi-head attention's, and 2 layers x (K, V) x 2 heads x 8
+    dims x 4 bytes in fp32."""
+    from models import gpt
+    decoder = llama.Llama(dataclasses.replace(SMALL, decode=True))
+    gqa = gpt.cache_bytes_per_token(decoder)
+    assert gqa == 2 * 2 * 2 * 8 * 4
+    full = llama.Llama(dataclasses.replace(SMALL, decode=True, num_kv_heads=4))
+    assert gpt.cache_bytes_per_token(full) == 2 * gqa

@@ -183,8 +183,7 @@ def test_export_of_our_runs_loads_in_transformers_with_the_same_logits(tmp_path,
 def _refusal(folder, tmp_path, **changes):
     """The DataError of importing `folder` with config.json fields changed (None: removed)."""
     import shutil
-    from experiments import hf as hf_tool  # noqa: F401 (the tool's own import path)
-    from train import hf_runs
+    from train import hf_runs  # experiments.hf's import, without the tool's flags
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
     with open(bad / "config.json") as f:
