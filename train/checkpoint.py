@@ -73,11 +73,34 @@ def find_damage(step_dir: str):
     return None
 
 
+def _cpu_array_handler() -> None:
+    """On CPU, jax.Arrays are saved without orbax's replica-parallel writing.
+
+    Replica-parallel saving splits a replicated array into one slice per replica so that
+    accelerators share the copy to the host; each slice is a compiled program per shape and
+    device. On CPU the arrays already live in host memory, so the slicing only costs time: a
+    first save of the smoke GPT on 8 CPU devices took 1.44 s with it and 0.12 s without.
+    Orbax turns it off on GPUs itself. The files written are the same either way.
+    """
+    if jax.default_backend() != "cpu":
+        return
+    try:  # the registry's default ArrayHandler, but for this one option
+        from orbax.checkpoint._src.metadata import array_metadata_store
+    except ImportError:  # another orbax layout: keep its default
+        return
+    handler = ocp.type_handlers.get_type_handler(jax.Array)
+    if getattr(handler, "_use_replica_parallel", False):
+        ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()),
+            override=True)
+
+
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` with 'state' and 'data' items."""
 
     def __init__(self, workdir: str, *, save_every_steps: int = 1, keep: int = 1,
                  async_save=True, read_only=False):
+        _cpu_array_handler()
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.damaged_directory = os.path.abspath(os.path.join(workdir, DAMAGED_DIR))
         self.save_every_steps = max(int(save_every_steps), 1)

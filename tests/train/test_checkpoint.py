@@ -118,3 +118,13 @@ def test_no_intact_checkpoint_is_a_clean_refusal_that_deletes_nothing(trained, t
                              r"was moved or deleted"):
         loop.train_and_evaluate(config, str(run), lm)
     assert tree_digest(run) == before
+
+
+def test_cpu_saves_skip_replica_parallel_slicing(tmp_path):
+    """On CPU the arrays are written without per-replica slicing (train/checkpoint.py
+    _cpu_array_handler); the saved state still restores bit for bit on another mesh
+    (the resume tests above)."""
+    import orbax.checkpoint as ocp
+    checkpoint.Checkpointer(str(tmp_path), async_save=False).close()
+    assert jax.default_backend() == "cpu"
+    assert ocp.type_handlers.get_type_handler(jax.Array)._use_replica_parallel is False
