@@ -25,7 +25,7 @@ from models import attention, blocks, layers, lora
 
 
 # The projections LoRA can adapt: attention's and the gated feed-forward's.
-PROJECTIONS = ("query", "key", "value", "out", "gate", "up", "down")
+PROJECTIONS = lora.ATTENTION_TARGETS + lora.GATED_TARGETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,17 +70,17 @@ class LlamaConfig(layers.ModelConfig):
     lora_targets: str = "query,key,value,out,gate,up,down"
 
     def __post_init__(self):
-        targets = lora.layer_kwargs(self)["lora_targets"]
-        foreign = [t for t in targets if t not in PROJECTIONS]
-        if self.lora_rank and foreign:
-            raise ValueError(f"lora_targets {','.join(foreign)!r} name no projection of the "
-                             f"Llama family; use some of {','.join(PROJECTIONS)}")
+        self.adapters()  # a bad rank or target fails at construction
         if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
         if self.head_size % 2:
             raise ValueError(f"head_dim {self.head_size} must be even for rotary embeddings")
-        layers.rope_frequencies(2, 1.0, self.rope_type)  # an unknown rope_type fails here
+        self.inv_freq()  # an unknown rope_type fails here
+
+    def adapters(self) -> dict:
+        """The lora_* keyword arguments of the blocks (lora.layer_kwargs), checked."""
+        return lora.layer_kwargs(self, PROJECTIONS, "the Llama family")
 
     @property
     def kv_heads(self) -> int:
@@ -104,7 +104,7 @@ class DecoderBlock(nn.Module):
     def __call__(self, x_BLD, segment_ids_BL, deterministic, rotary):
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        adapters = lora.layer_kwargs(cfg)
+        adapters = cfg.adapters()
         norm = lambda name: layers.RMSNorm(cfg.norm_epsilon, cfg.norm_offset, name=name, **kw)
         attn = attention.MultiHeadAttention(
             cfg.num_heads, cfg.head_size, num_kv_heads=cfg.kv_heads, qkv_bias=cfg.qkv_bias,

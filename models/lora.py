@@ -26,7 +26,10 @@ ADAPTER_NAMES = ("lora_a", "lora_b")
 # feed-forward's three (layers.GatedFeedForward: Llama, Qwen, Mistral, Gemma). The paper adapts
 # only W_Q and W_V (sec. 7.1); adapting every matrix is the common choice since QLoRA
 # (Dettmers et al. 2023, sec. 4) found it needed to match full fine-tuning.
-TARGETS = ("query", "key", "value", "out", "wi", "wo", "gate", "up", "down")
+ATTENTION_TARGETS = ("query", "key", "value", "out")
+FEED_FORWARD_TARGETS = ("wi", "wo")
+GATED_TARGETS = ("gate", "up", "down")
+TARGETS = ATTENTION_TARGETS + FEED_FORWARD_TARGETS + GATED_TARGETS
 
 
 def parse_targets(targets) -> tuple:
@@ -41,15 +44,21 @@ def parse_targets(targets) -> tuple:
     return names
 
 
-def layer_kwargs(config) -> dict:
-    """The lora_* arguments of blocks.self_attention_stack from a GPT / BERT config, checked:
-    a ValueError for a negative rank, an unknown target, or a rank with no target."""
+def layer_kwargs(config, projections=ATTENTION_TARGETS + FEED_FORWARD_TARGETS,
+                 model="GPT and BERT") -> dict:
+    """The lora_* arguments of blocks.self_attention_stack from a model config, checked: a
+    ValueError for a negative rank, an unknown target, a rank with no target, or a target
+    that names none of the model's `projections` (GPT's have no gate, Llama's no wi)."""
     if config.lora_rank < 0:
         raise ValueError(f"lora_rank must be >= 0 (0: no adapters), got {config.lora_rank}")
     targets = parse_targets(config.lora_targets)
     if config.lora_rank and not targets:
         raise ValueError(f"lora_rank {config.lora_rank} but no lora_targets; name some of "
-                         f"{', '.join(TARGETS)}")
+                         f"{', '.join(projections)}")
+    foreign = [t for t in targets if t not in projections]
+    if config.lora_rank and foreign:
+        raise ValueError(f"lora_targets {','.join(foreign)!r} name no projection of {model}; "
+                         f"use some of {','.join(projections)}")
     return dict(lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_targets=targets)
 
 

@@ -10,6 +10,7 @@ import math
 import os
 
 from data.tokenizer import MODEL_TYPES as TOKENIZERS
+from models import llama, lora
 from models.blocks import REMAT_POLICIES
 from models.layers import ACTIVATIONS, POSITION_LAYOUTS, ROPE_TYPES
 from train.errors import ConfigError
@@ -122,6 +123,13 @@ def _lookup(config, dotted):
     return True, section
 
 
+def _lora_projections(family: str) -> tuple:
+    """The projections LoRA can adapt in a model of `family` (models/lora.py)."""
+    if family == "llama":
+        return llama.PROJECTIONS
+    return lora.ATTENTION_TARGETS + lora.FEED_FORWARD_TARGETS
+
+
 def _relations(config):
     """(message) for each pair of keys whose values cannot work together."""
     get = lambda key: _lookup(config, key)[1]  # noqa: E731
@@ -147,6 +155,14 @@ def _relations(config):
     if m.get("lora_rank", 0) and not (m.get("lora_targets") or "").strip(", "):
         yield ("config.model.lora_rank > 0 needs config.model.lora_targets (e.g. "
                "query,key,value,out,wi,wo): the projections that get adapters")
+    if m.get("lora_rank", 0) and isinstance(m.get("lora_targets"), str):
+        family = m.get("family", "gpt")
+        projections = _lora_projections(family)
+        foreign = [t.strip() for t in m["lora_targets"].split(",")
+                   if t.strip() and t.strip() not in projections]
+        if foreign:
+            yield (f"config.model.lora_targets names {','.join(foreign)}, which a {family} "
+                   f"model does not have; use some of {','.join(projections)}")
     if m.get("lora_rank", 0) and average > 1:
         yield (f"config.average_checkpoints={average} with LoRA would average A and B "
                "separately, which is not the mean of the models; average after "

@@ -69,6 +69,8 @@ def test_each_rule_refuses_an_out_of_range_value_naming_key_and_range(key):
     ({"model.lora_rank": 8, "average_checkpoints": 3, "keep_checkpoints": 3},
      "average A and B separately"),
     ({"model.lora_rank": 8, "model.lora_targets": ""}, "needs config.model.lora_targets"),
+    ({"model.lora_rank": 8, "model.lora_targets": "query,gate"},
+     "names gate, which a gpt model does not have"),
 ])
 def test_values_that_cannot_work_together_are_refused(overrides, needle):
     from experiments import gpt
@@ -101,3 +103,6 @@ def test_kv_heads_that_do_not_divide_the_heads_are_refused():
         config_lib.validate(config)
     config.model.num_kv_heads, config.model.head_dim, config.model.num_heads = 1, 16, 3
     config_lib.validate(config)  # an explicit head_dim: d_model need not divide by the heads
+    config.model.lora_rank, config.model.lora_targets = 4, "query,wi"
+    with pytest.raises(ConfigError, match="names wi, which a llama model does not have"):
+        config_lib.validate(config)
