@@ -185,44 +185,16 @@ def chat_token_ids(tokenizer) -> dict[str, int]:
     return ids
 
 
-class TokenFormat:
-    """Our chat format: the four chat tokens (render, prompt_tokens, show), as an object with
-    data/chat_template.TemplateFormat's interface."""
-
-    def __init__(self, tokenizer, ids: dict[str, int]):
-        self.tokenizer, self.ids = tokenizer, ids
-        self.end_id = ids["end"]
-        self.stop_ids = (self.end_id,)
-
-    def render(self, conv):
-        return render(conv, self.tokenizer, self.ids)
-
-    def prompt(self, turns):
-        return prompt_tokens(turns, self.tokenizer, self.ids)
-
-    def show(self, conv):
-        return show(conv, self.tokenizer, self.ids)
-
-
 def uses_template(tokenizer) -> bool:
     """Whether the tokenizer brings a checkpoint's chat template (data/chat_template.py)."""
     return bool(getattr(tokenizer, "chat_template", None))
-
-
-def chat_format(tokenizer):
-    """The run's chat format: the checkpoint's own template when its tokenizer has one, else
-    our chat tokens (a DataError when the vocabulary lacks them)."""
-    if uses_template(tokenizer):
-        from data import chat_template
-        return chat_template.TemplateFormat(tokenizer, tokenizer.chat_template)
-    return TokenFormat(tokenizer, chat_token_ids(tokenizer))
 
 
 def add_chat_tokens(tokenizer, workdir: str):
     """The tokenizer with CHAT_TOKENS as special tokens, saved into workdir (tokenizer.model or
     hf_tokenizer/, atomically) so load_run_tokenizer(workdir) gives it back. New tokens take the
     ids vocab_size .. vocab_size + 3; a tokenizer that has them all, or a chat template of its
-    own (which then sets the chat format: chat_format), is returned as it is."""
+    own (which then sets the chat format: chat_template.chat_format), is returned as it is."""
     if uses_template(tokenizer) or len(_find_chat_ids(tokenizer)) == len(CHAT_TOKENS):
         saved = {os.path.abspath(os.path.join(workdir, name)) for name in (tok.MODEL_FILE,
                                                                            tok.HF_DIR)}
@@ -253,8 +225,8 @@ def new_token_inits(tokenizer) -> dict[int, list[int]]:
 def _render_turns(turns, tokenizer, ids, where: str = "") -> tuple[list[int], list[int]]:
     """[BOS] then role token, content, <|end|> per turn; mask 1 on assistant content + <|end|>.
     A vocabulary without BOS (Qwen's) starts at the first role token."""
-    bos = getattr(tokenizer, "bos_id", None)
-    tokens, mask = ([], []) if bos is None else ([bos], [0])
+    tokens = tok.bos_prefix(tokenizer)
+    mask = [0] * len(tokens)
     for role, content in turns:
         if role not in ROLES:
             raise DataError(f"{where or 'a conversation'}: role {role!r} is not one of "

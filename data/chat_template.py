@@ -1,5 +1,6 @@
-"""A checkpoint's own chat format: its Jinja chat template, rendered in a sandbox as transformers'
-apply_chat_template renders it, and the loss mask on exactly the assistant's turns.
+"""The chat format of a run (`chat_format`): a checkpoint's own Jinja chat template, rendered in a
+sandbox as transformers' apply_chat_template renders it, with the loss mask on exactly the
+assistant's turns; or, for a tokenizer without one, data/chat.py's chat tokens.
 
 Instruct checkpoints (Llama 3, Qwen 2.5 / 3, Mistral, Gemma) were fine-tuned on conversations
 laid out by the template in their tokenizer_config.json (or chat_template.jinja): role headers,
@@ -23,6 +24,7 @@ import tokenizers
 from jinja2 import ext, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from data import chat
 from data.errors import DataError
 
 
@@ -143,3 +145,30 @@ class TemplateFormat:
                   for i, m in zip(tokens, mask)]
         return (f"{self.text(conv.turns)}\npieces: {' '.join(pieces)}\n{len(tokens)} tokens, "
                 f"{sum(mask)} carry loss (inside ⟦ ⟧); rendered by the checkpoint's chat template")
+
+
+class TokenFormat:
+    """Our chat format: data/chat.py's four chat tokens (render, prompt_tokens, show), as an
+    object with TemplateFormat's interface."""
+
+    def __init__(self, tokenizer, ids: dict[str, int]):
+        self.tokenizer, self.ids = tokenizer, ids
+        self.end_id = ids["end"]
+        self.stop_ids = (self.end_id,)
+
+    def render(self, conv):
+        return chat.render(conv, self.tokenizer, self.ids)
+
+    def prompt(self, turns):
+        return chat.prompt_tokens(turns, self.tokenizer, self.ids)
+
+    def show(self, conv):
+        return chat.show(conv, self.tokenizer, self.ids)
+
+
+def chat_format(tokenizer):
+    """The run's chat format: the checkpoint's own template when its tokenizer has one, else
+    our chat tokens (a DataError when the vocabulary lacks them)."""
+    if chat.uses_template(tokenizer):
+        return TemplateFormat(tokenizer, tokenizer.chat_template)
+    return TokenFormat(tokenizer, chat.chat_token_ids(tokenizer))

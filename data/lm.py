@@ -25,7 +25,7 @@ def tokenize_documents(docs, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     vocabulary without BOS (Qwen's) gives ids [EOS]: its documents end with the one token."""
     # GPT-2's vocabulary has one <|endoftext|> for both, so documents are separated by two.
     (eos,) = tok.required_ids(tokenizer, "eos", purpose="language modelling")
-    bos = [] if getattr(tokenizer, "bos_id", None) is None else [tokenizer.bos_id]
+    bos = tok.bos_prefix(tokenizer)
     tokens, doc_ids = [], []
     progress = tqdm.tqdm(docs, desc="tokenizing", unit="doc", disable=not sys.stderr.isatty())
     for i, doc in enumerate(progress):

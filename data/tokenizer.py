@@ -99,6 +99,13 @@ def required_ids(tokenizer, *names: str, purpose: str) -> tuple[int, ...]:
     return ids
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """[bos_id], or [] for a vocabulary without BOS (Qwen's): what starts a document, a
+    prompt or a rendered conversation."""
+    bos = getattr(tokenizer, "bos_id", None)
+    return [] if bos is None else [bos]
+
+
 def sentencepiece_spans(sp, text: str) -> list[tuple[str, int, int, int]]:
     """(piece, id, char_start, char_end) of each piece of sp.encode(text), spans as in
     BaseTokenizer.encode_with_offsets."""

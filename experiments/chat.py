@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from absl import flags, logging
 
-from data import chat
+from data import chat_template
 from data.errors import DataError
 from models import gpt
 from train import cli, errors, runs
@@ -37,7 +37,7 @@ class Chat:
     def __init__(self, config, tokenizer, params, *, system="", max_new_tokens=64,
                  temperature=0.0, top_k=0, top_p=1.0, seed=0):
         self.config, self.tokenizer, self.params = config, tokenizer, params
-        self.format = chat.chat_format(tokenizer)  # the checkpoint's template, or our tokens
+        self.format = chat_template.chat_format(tokenizer)  # its template, or our tokens
         self.turns = [("system", system)] if system else []
         self.max_new_tokens = min(max_new_tokens, config.model.max_len - 8)
         self.rng = jax.random.key(seed)

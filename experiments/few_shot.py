@@ -14,7 +14,7 @@ import random
 import numpy as np
 from absl import flags, logging
 
-from data import chat, sources
+from data import chat, sources, tokenizer as tok
 from data.errors import DataError
 from train import cli, errors, runs
 from train.tasks import lm, sft
@@ -53,8 +53,8 @@ def prompts(train, dev, tokenizer, shots: int, room: int, seed: int = 0) -> list
     for conv in dev:
         examples = [as_text(c, True) for c in rng.sample(train, shots)]
         while True:
-            bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # Qwen has none
-            ids = bos + tokenizer.encode(" ".join(examples + [as_text(conv, False)]))
+            ids = tok.bos_prefix(tokenizer) + tokenizer.encode(
+                " ".join(examples + [as_text(conv, False)]))
             if len(ids) <= room or not examples:
                 break
             examples.pop(0)

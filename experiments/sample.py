@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from absl import flags, logging
 
+from data import tokenizer as tok
 from data.errors import DataError
 from models import gpt
 from train import cli, errors, runs
@@ -37,8 +38,7 @@ def encode_prompt(prompt: str, tokenizer, max_len: int) -> list[int]:
     except UnicodeEncodeError as e:
         raise DataError(f"--prompt holds bytes that are not valid UTF-8 (at character "
                         f"{e.start}); pass the prompt as UTF-8 text") from None
-    bos = [] if getattr(tokenizer, "bos_id", None) is None else [tokenizer.bos_id]
-    ids = bos + tokenizer.encode(prompt)
+    ids = tok.bos_prefix(tokenizer) + tokenizer.encode(prompt)
     if not ids:
         raise DataError("the prompt is empty and this tokenizer has no BOS token to start "
                         "from; pass --prompt=TEXT")

@@ -13,7 +13,7 @@ import tempfile
 from absl import flags
 from ml_collections import config_flags
 
-from data import chat
+from data import chat, chat_template
 from data.errors import DataError
 from train import cli, config as config_lib, errors
 from train.errors import ConfigError
@@ -38,7 +38,7 @@ def main(argv):
         train, dev = sft.conversations(config)
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = posttrain.load_tokenizer(config, tmp, train)
-        fmt = chat.chat_format(tokenizer)
+        fmt = chat_template.chat_format(tokenizer)
         for conv in train[:FLAGS.show_example]:
             print(f"--- {conv.where} ---")
             print(fmt.show(conv))

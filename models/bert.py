@@ -60,15 +60,12 @@ class BertConfig(layers.ModelConfig):
 
     @classmethod
     def from_config(cls, model_config, **overrides):
-        """Builds the dataclass from an ml_collections section, ignoring non-model keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in model_config.items() if k in names}
-        values = {**values, **overrides}
-        values["heads"] = tuple(values.get("heads", cls.heads))
-        unknown = set(values["heads"]) - set(HEADS)
+        """layers.ModelConfig.from_config, with the heads as a tuple of known names."""
+        heads = tuple(overrides.get("heads", model_config.get("heads", cls.heads)))
+        unknown = set(heads) - set(HEADS)
         if unknown:
             raise ValueError(f"unknown BERT heads {sorted(unknown)}; choose from {HEADS}")
-        return cls(**values)
+        return super().from_config(model_config, **{**overrides, "heads": heads})
 
 
 def _dense(features, names, name, kw):

@@ -152,11 +152,13 @@ class FeedForward(nn.Module):
     lora_rank: int = 0  # LoRA adapters on those of wi, wo named in lora_targets; 0: none
     lora_alpha: float = 16.0
     lora_targets: tuple = lora.TARGETS
+    use_bias: bool = True
 
     def _dense(self, features, names, name):
         rank = self.lora_rank if name in self.lora_targets else 0
         return Projection((features,), names, lora_rank=rank, lora_alpha=self.lora_alpha,
-                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+                          use_bias=self.use_bias, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=name)
 
     @nn.compact
     def __call__(self, x_BLD, deterministic=True):
@@ -290,27 +292,16 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
-class GatedFeedForward(nn.Module):
+class GatedFeedForward(FeedForward):
     """FFN(x) = (act(x W_gate) * (x W_up)) W_down: the gated linear unit of Shazeer 2020
     (SwiGLU with SiLU: Llama, Qwen, Mistral; GeGLU with tanh GELU: Gemma).
 
     Three matrices of width F instead of two; the published models shrink F to about 8/3 D so
-    the parameter count matches a 4 D plain feed-forward.
+    the parameter count matches a 4 D plain feed-forward. FeedForward's fields, without biases
+    by default; LoRA adapters go on those of gate, up, down named in lora_targets.
     """
-    d_ff: int
     activation: str = "silu"
     use_bias: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    lora_rank: int = 0  # LoRA adapters on those of gate, up, down named in lora_targets
-    lora_alpha: float = 16.0
-    lora_targets: tuple = lora.TARGETS
-
-    def _dense(self, features, names, name):
-        rank = self.lora_rank if name in self.lora_targets else 0
-        return Projection((features,), names, lora_rank=rank, lora_alpha=self.lora_alpha,
-                          use_bias=self.use_bias, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name=name)
 
     @nn.compact
     def __call__(self, x_BLD, deterministic=True):
@@ -318,6 +309,7 @@ class GatedFeedForward(nn.Module):
         gate_BLF = act(self._dense(self.d_ff, (EMBED, MLP), "gate")(x_BLD))
         h_BLF = gate_BLF * self._dense(self.d_ff, (EMBED, MLP), "up")(x_BLD)
         h_BLF = nn.with_logical_constraint(h_BLF, (BATCH, LENGTH, MLP))
+        h_BLF = nn.Dropout(self.dropout_rate)(h_BLF, deterministic=deterministic)
         return self._dense(x_BLD.shape[-1], (MLP, EMBED), "down")(h_BLF)
 
 

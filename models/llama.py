@@ -112,8 +112,8 @@ class DecoderBlock(nn.Module):
             sliding_window=cfg.sliding_window, dropout_rate=cfg.attention_dropout_rate,
             implementation=cfg.attention, decode=cfg.decode, query_blocks=cfg.query_blocks,
             name="self_attn", **adapters, **kw)
-        mlp = layers.GatedFeedForward(cfg.d_ff, cfg.activation, cfg.mlp_bias, name="mlp",
-                                      **adapters, **kw)
+        mlp = layers.GatedFeedForward(cfg.d_ff, activation=cfg.activation,
+                                      use_bias=cfg.mlp_bias, name="mlp", **adapters, **kw)
         drop = nn.Dropout(cfg.dropout_rate)
         h_BLD = attn(norm("input_layernorm")(x_BLD), segment_ids_BL=segment_ids_BL,
                      causal=True, deterministic=deterministic, rotary=rotary)

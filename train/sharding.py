@@ -11,10 +11,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from models.layers import KV_HEADS
 from train.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
-KV_HEADS = "kv_heads"  # models/layers.py KV_HEADS
 
 # Logical name -> mesh axes. `embed` on fsdp shards every weight matrix along d_model when
 # fsdp > 1 and is a no-op when fsdp == 1.

@@ -96,7 +96,7 @@ CONVERSATIONS = [
 def test_rendering_gives_apply_chat_template_ids_and_assistant_mask(folders, kind):
     ours = hf_tokenizer.load_hf_tokenizer(folders[kind])
     theirs = transformers.AutoTokenizer.from_pretrained(folders[kind])
-    fmt = chat.chat_format(ours)
+    fmt = chat_template.chat_format(ours)
     assert isinstance(fmt, chat_template.TemplateFormat)
     for turns in CONVERSATIONS:
         messages = [{"role": r, "content": c} for r, c in turns]

@@ -16,7 +16,7 @@ import importlib
 import jax
 import numpy as np
 
-from data import chat
+from data import chat, chat_template
 from data.errors import DataError
 from train import runs
 from train.errors import ConfigError
@@ -81,7 +81,7 @@ def load_reward_model(run, config, tokenizer):
                         "it from the same base run (config.init_from)")
     net = task.build_model(rconfig)
     length = rconfig.data.max_len
-    end_id = chat.chat_format(tokenizer).end_id
+    end_id = chat_template.chat_format(tokenizer).end_id
     score_fn = jax.jit(lambda p, rows: reward.scores(net, p, rows))
 
     def score(questions, responses, refs, prompt_ids, response_ids):

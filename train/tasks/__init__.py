@@ -22,7 +22,7 @@ class TaskData(TypedDict, total=False):
       info: counts and settings for the log line at the start and for final_report
     Extras, of the tasks that read them:
       chat: the chat format, our chat tokens or the checkpoint's template (sft, dpo, reward,
-          ppo; data/chat.py chat_format): render, prompt, end_id
+          ppo; data/chat_template.py chat_format): render, prompt, end_id
       dev_prompts: (prompt ids, reference answers, question) per dev prompt (sft, dpo)
       dev_rows, train_text, dev_text, reward, reference_weights (ppo: prompt rows, their
           questions and reference answers, the reward function, the reference model)

@@ -19,15 +19,15 @@ the reference's; at each eval also greedy answers to the dev prompts, exact matc
 against the chosen response (as sft, workdir/eval_generations.jsonl).
 """
 import dataclasses
-from typing import Any
 import hashlib
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data import chat, preferences
+from data import chat_template, preferences
 from train import losses, metrics
 from train.errors import ConfigError
 from train.tasks import lm, posttrain, sft
@@ -109,7 +109,7 @@ def prepare_data(config, workdir) -> dict:
     train, dev = posttrain.train_and_dev(config, preferences.bible_pairs,
                                          preferences.read_pairs)
     tokenizer = posttrain.load_tokenizer(config, workdir, [])
-    fmt = chat.chat_format(tokenizer)
+    fmt = chat_template.chat_format(tokenizer)
     train_rows, train_info = preferences.render_pairs(train, fmt, d.max_len)
     eval_rows, eval_info = preferences.render_pairs(dev, fmt, d.max_len)
     n_gen = len(dev) if not d.eval_generations else min(d.eval_generations, len(dev))

@@ -20,6 +20,7 @@ import numpy as np
 
 from data import chat, preferences, sources, tokenizer as tok, tokenizer_io
 from data.errors import DataError
+from models import lora
 from train import errors, multihost, pretrained, runs, tasks
 from train.errors import ConfigError
 from train.tasks import lm
@@ -92,8 +93,8 @@ def _adopt_family(config, base):
     for key in RUN_KEYS:
         if key in config.model:
             model[key] = config.model[key]
-    targets = [t.strip() for t in str(model.get("lora_targets", "")).split(",") if t.strip()]
     if model.get("family") == "llama":
+        targets = lora.parse_targets(model.get("lora_targets", ""))
         targets = [g for t in targets for g in _GATED_TARGETS.get(t, (t,))]
         model["lora_targets"] = ",".join(dict.fromkeys(targets))
     with config.unlocked():

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from data import chat
+from data import chat, chat_template
 from data.errors import DataError
 from train import step as step_lib
 from train.rl import evaluate, rewards, rollout, settings, update
@@ -114,7 +114,7 @@ def prepare_data(config, workdir) -> dict:
                         f"prompt in config.data.max_len={d.max_len}; lower it")
     train, dev = posttrain.train_and_dev(config, chat.bible_qa, chat.read_conversations)
     tokenizer = posttrain.load_tokenizer(config, workdir, [])
-    fmt = chat.chat_format(tokenizer)
+    fmt = chat_template.chat_format(tokenizer)
     pad_id, width = tokenizer.pad_id or 0, settings.prompt_width(config)
     n_dev = len(dev) if not d.eval_generations else min(d.eval_generations, len(dev))
     train_prompts, train_questions, train_refs = _split(train, fmt)

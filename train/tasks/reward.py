@@ -14,7 +14,7 @@ train/rl/rewards.py).
 import jax
 import jax.numpy as jnp
 
-from data import chat, preferences
+from data import chat_template, preferences
 from train import metrics
 from train.errors import ConfigError
 from train.tasks import lm, posttrain
@@ -62,7 +62,7 @@ def prepare_data(config, workdir) -> dict:
     train, dev = posttrain.train_and_dev(config, preferences.bible_pairs,
                                          preferences.read_pairs)
     tokenizer = posttrain.load_tokenizer(config, workdir, [])
-    fmt = chat.chat_format(tokenizer)
+    fmt = chat_template.chat_format(tokenizer)
     train_rows, train_info = preferences.render_pairs(train, fmt, config.data.max_len)
     eval_rows, eval_info = preferences.render_pairs(dev, fmt, config.data.max_len)
     info = {"train_pairs": train_info["pairs"], "dev_pairs": eval_info["pairs"],

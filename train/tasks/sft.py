@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from data import chat
+from data import chat, chat_template
 from models import gpt
 from train.tasks import lm, posttrain
 
@@ -54,7 +54,7 @@ def prepare_data(config, workdir) -> dict:
     posttrain.check_lengths(config)
     train, dev = conversations(config)
     tokenizer = posttrain.load_tokenizer(config, workdir, train)
-    fmt = chat.chat_format(tokenizer)
+    fmt = chat_template.chat_format(tokenizer)
     train_rows, train_stats = chat.pack(render_all(train, fmt), d.max_len, packing=d.packing)
     eval_rows, eval_stats = chat.pack(render_all(dev, fmt), d.max_len, packing=d.packing)
     if train_stats["truncated"]:
