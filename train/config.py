@@ -85,6 +85,9 @@ RULES = {
     "model.rope_theta": _number(0, math.inf, low_open=True),
     "model.rope_type": _choice(*ROPE_TYPES),
     "model.rope_factor": _number(0, math.inf, low_open=True),
+    "model.rope_low_freq_factor": _number(0, math.inf, low_open=True),
+    "model.rope_high_freq_factor": _number(0, math.inf, low_open=True),
+    "model.rope_original_max_len": POSITIVE,
     "model.norm_epsilon": _number(0, 1, low_open=True), "model.norm_offset": _number(0, 1),
     "model.sliding_window": NON_NEGATIVE + ("(0: full causal attention)",),
     "model.lora_rank": NON_NEGATIVE + ("(0: off)",),
@@ -139,6 +142,11 @@ def _relations(config):
         yield (f"config.model.num_heads={m['num_heads']} is not a multiple of config.model."
                f"num_kv_heads={kv_heads}: each key/value head serves an equal group of query "
                "heads; pick a kv head count that divides num_heads")
+    low, high = m.get("rope_low_freq_factor", 1.0), m.get("rope_high_freq_factor", 4.0)
+    if m.get("rope_type") == "llama3" and not high > low:
+        yield (f"config.model.rope_high_freq_factor={high} must exceed config.model."
+               f"rope_low_freq_factor={low} for rope_type=llama3: between the two the "
+               "frequencies are blended, over a band of that width (Llama 3.1 uses 4 and 1)")
     if (m.get("d_model") and m.get("num_heads") and not m.get("head_dim")
             and m["d_model"] % m["num_heads"]):
         yield (f"config.model.d_model={m['d_model']} is not divisible by config.model."

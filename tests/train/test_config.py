@@ -106,3 +106,7 @@ def test_kv_heads_that_do_not_divide_the_heads_are_refused():
     config.model.lora_rank, config.model.lora_targets = 4, "query,wi"
     with pytest.raises(ConfigError, match="names wi, which a llama model does not have"):
         config_lib.validate(config)
+    config.model.lora_rank = 0
+    config.model.rope_type, config.model.rope_high_freq_factor = "llama3", 1.0
+    with pytest.raises(ConfigError, match="rope_high_freq_factor=1.0 must exceed"):
+        config_lib.validate(config)
